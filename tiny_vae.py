@@ -86,7 +86,10 @@ def get_parser():
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), default=50, help="passes over the training images")
     g.add_argument("--batch_size", type=positive(int), default=128, help="images per step (split over --gpus)")
-    g.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr", type=positive(float), default=3e-3, help="Adam learning rate of the first epoch")
+    g.add_argument("--lr_decay", type=positive(float), default=0.94, help="the learning rate is lr * lr_decay^epoch")
+    g.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for training (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on)")
     g.add_argument("--max_minutes", type=positive(float), default=None,
                    help="stop training after this many minutes of wall-clock time, then evaluate as usual")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN",
@@ -312,8 +315,12 @@ class VAE(nn.Module):
             self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))  # a typical pixel error to start from
 
     def encode(self, x):
-        """(B, C, H, W) -> mu, logvar, each (B, latent_dim)."""
-        return self.encoder(x).chunk(2, dim=1)
+        """(B, C, H, W) -> mu, logvar, each (B, latent_dim), in float32 also under autocast."""
+        return self.encoder(x).float().chunk(2, dim=1)
+
+    def decode(self, z):
+        """(B, latent_dim) -> decoder output (B, C, H, W): logits or Gaussian means, float32."""
+        return self.decoder(z).float()
 
     def nll(self, x, out):
         """-log p(x|z) summed over pixels, (B,), from the decoder output for x."""
@@ -332,7 +339,7 @@ class VAE(nn.Module):
         result does not depend on how the batch is split. -> (1, 2): summed -log p(x|z) and KL."""
         mu, logvar = self.encode(x)
         z = mu + (0.5 * logvar).exp() * eps                             # z = mu + sigma * eps   (K&W eq. 10)
-        rec = self.nll(x, self.decoder(z))                              # (B,)
+        rec = self.nll(x, self.decode(z))                               # (B,)
         kl = kl_per_dim(mu, logvar).sum(1)                              # (B,)
         return torch.stack([rec.sum(), kl.sum()]).unsqueeze(0)
 
@@ -348,18 +355,20 @@ def log_importance_weights(model, x, eps):
     mu, logvar = model.encode(x)
     z = mu + (0.5 * logvar).exp() * eps                                 # (K, B, D)
     k, b = eps.shape[:2]
-    rec = model.nll(x.expand(k, *x.shape).flatten(0, 1), model.decoder(z.flatten(0, 1))).view(k, b)
+    rec = model.nll(x.expand(k, *x.shape).flatten(0, 1), model.decode(z.flatten(0, 1))).view(k, b)
     log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)                        # log N(z; 0, I)
     log_qz = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)             # log N(z; mu, sigma^2)
     return -rec + log_pz - log_qz
 
 
 # ---------------------------------------------------------------- training
-def train_step(model, opt, x, beta):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1]. -> tensor (-log p(x|z), KL) per image."""
+def train_step(model, opt, x, beta, amp=False):
+    """One Adam step on a batch x (B, C, H, W) in [0, 1]. -> tensor (-log p(x|z), KL) per image.
+    amp: the networks run in bfloat16 autocast; the loss terms stay float32."""
     raw = model.module if isinstance(model, nn.DataParallel) else model
     eps = torch.randn(len(x), raw.latent_dim, device=x.device)
-    rec, kl = model(x, eps).sum(0) / len(x)                             # sum over replicas / global count
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        rec, kl = model(x, eps).sum(0) / len(x)                         # sum over replicas / global count
     loss = rec + beta * kl                                              # -ELBO (beta = 1), nats per image
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()}", "--lr", "lower the learning rate; ckpt.pt still holds the last good state")
@@ -464,7 +473,7 @@ def save_grid(path, images, nrow):
 def prior_samples(model, n, seed, device):
     """Means of p(x|z) for z ~ N(0, I) from a fixed seed. -> (n, C, H, W) in [0, 1]."""
     z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return model.mean_image(model.decoder(z))
+    return model.mean_image(model.decode(z))
 
 
 @torch.no_grad()
@@ -474,13 +483,13 @@ def write_pictures(model, test, expdir, step, device):
     from the mean code of one test image to another's in 10 steps)."""
     save_grid(os.path.join(expdir, f"samples_{step}.png"), prior_samples(model, 64, 0, device), 8)
     x = to_float(test[:32]).to(device)
-    recon = model.mean_image(model.decoder(model.encode(x)[0]))
+    recon = model.mean_image(model.decode(model.encode(x)[0]))
     pairs = torch.stack([x.view(4, 8, *x.shape[1:]), recon.view(4, 8, *x.shape[1:])], 1)  # (4 rows, in/out, 8, ...)
     save_grid(os.path.join(expdir, f"recon_{step}.png"), pairs.flatten(0, 2), 8)
     mu = model.encode(to_float(test[:16]).to(device))[0]
     t = torch.linspace(0, 1, 10, device=device)[None, :, None]
     z = (1 - t) * mu[0::2, None] + t * mu[1::2, None]                  # (8, 10, D)
-    save_grid(os.path.join(expdir, f"interp_{step}.png"), model.mean_image(model.decoder(z.flatten(0, 1))), 10)
+    save_grid(os.path.join(expdir, f"interp_{step}.png"), model.mean_image(model.decode(z.flatten(0, 1))), 10)
 
 
 def sample_only(args, device, expdir):
@@ -569,26 +578,29 @@ def main(argv=None):
     print(f"{len(train)} train / {len(val)} val / {len(test)} test images of {tuple(train.shape[1:])}, "
           f"{sum(p.numel() for p in raw.parameters()):,} parameters, {device}")
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    start, running, n_run = time.time() - seconds, torch.zeros(2), 0
+    start, running, n_img, busy = time.time() - seconds, torch.zeros(2), 0, 0.0  # busy: seconds in train steps
     try:
         while step < total and seconds < budget:
             epoch, first = divmod(step, per_epoch)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * args.lr_decay ** epoch           # exponential decay per epoch
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
             for i in range(first, per_epoch):                           # an epoch's order depends on (seed, epoch)
+                tic = time.time()
                 x = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
-                running += train_step(model, opt, x, args.beta).cpu()
-                step, n_run, seconds = step + 1, n_run + 1, time.time() - start
+                running += train_step(model, opt, x, args.beta, args.amp).cpu() * len(x)
+                step, n_img, busy, seconds = step + 1, n_img + len(x), busy + time.time() - tic, time.time() - start
                 bar.update()
                 if seconds >= budget:
                     break
             val_nelbo = evaluate(raw, val, 500, device)[0]
             test_nelbo, test_rec, test_kl = evaluate(raw, test, 500, device)
-            n = max(n_run, 1)
+            n = max(n_img, 1)
             record = {"step": step, "epoch": round(step / per_epoch, 3), "train_nelbo": running.sum().item() / n,
                       "train_rec": running[0].item() / n, "train_kl": running[1].item() / n, "val_nelbo": val_nelbo,
                       "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl, "lr": opt.param_groups[0]["lr"],
-                      "seconds": round(time.time() - start, 2)}
-            running, n_run = torch.zeros(2), 0
+                      "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(time.time() - start, 2)}
+            running, n_img, busy = torch.zeros(2), 0, 0.0
             if val_nelbo < best_val:                                    # model selection on validation, never test
                 best_val = val_nelbo
                 atomic(best_path, lambda p: torch.save({"script": "tiny_vae", "model_args": raw.config,
