@@ -101,9 +101,10 @@ def main():
     p.add_argument("--minutes", type=float, required=True, help="training budget (--max_minutes)")
     p.add_argument("--datadir", default="../shared/data/mnist_small")
     p.add_argument("--iw_samples", type=int, default=1000)
-    p.add_argument("extra", nargs="*", help="flags for the script, after --")
-    args = p.parse_args()
-    command, figures = {"vae": bench_vae}[args.script](args, args.extra)
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)            # flags after -- go to the script
+    args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
+    command, figures = {"vae": bench_vae}[args.script](args, extra)
     append_row(args.script, command, figures, args.minutes)
 
 
