@@ -347,6 +347,7 @@ class VAE(nn.Module):
         return torch.stack([rec.sum(), kl.sum()]).unsqueeze(0)
 
 
+# ---------------------------------------------------------------- loss
 def kl_per_dim(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, 1)) for each latent dimension, (B, D)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)              # K&W appendix B, per dimension
@@ -394,6 +395,26 @@ def freeze(model, patterns):
     print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
+
+
+def pick_devices(args):
+    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
+    if device.type != "cuda":
+        return device, []
+    n = torch.cuda.device_count()
+    if n == 0:
+        fail("CUDA is not available", "--device", "use --device cpu")
+    first = device.index or 0
+    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
+    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
+        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
+    gpus = [int(i) for i in gpus]
+    return torch.device("cuda", gpus[0]), gpus
 
 
 def atomic(path, write):
@@ -510,26 +531,6 @@ def sample_only(args, device, expdir):
     save_grid(os.path.join(expdir, "samples.png"), x, math.ceil(math.sqrt(args.sample_only)))
     print(f"wrote {args.sample_only} samples from {path} to {expdir}/samples.png and samples.npy")
     return {"samples": args.sample_only, "ckpt": path}
-
-
-def pick_devices(args):
-    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
-    if device.type != "cuda":
-        return device, []
-    n = torch.cuda.device_count()
-    if n == 0:
-        fail("CUDA is not available", "--device", "use --device cpu")
-    first = device.index or 0
-    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
-    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
-        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
-    gpus = [int(i) for i in gpus]
-    return torch.device("cuda", gpus[0]), gpus
 
 
 def main(argv=None):
