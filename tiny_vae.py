@@ -327,6 +327,7 @@ class VAE(nn.Module):
 
     def nll(self, x, out):
         """-log p(x|z) summed over pixels, (B,), from the decoder output for x."""
+        # Bernoulli on grey pixels x_i in [0, 1] is the cross-entropy of the PyTorch example, whose figures we compare to
         if self.likelihood == "bernoulli":  # -sum_i [x_i log p_i + (1 - x_i) log(1 - p_i)], p = sigmoid(out)
             nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
         else:  # -log N(x_i; out_i, sigma^2) = (x_i - out_i)^2 / (2 sigma^2) + log sigma + log(2 pi) / 2
@@ -461,7 +462,7 @@ def iw_nll(model, images, k, device):
     bound on the true NLL that tightens as K grows; K = 1 is a one-sample -ELBO."""
     g, total = torch.Generator().manual_seed(0), 0.0
     per_step = max(1, 4096 // k)                                        # images per decoder call of <= 4096 z
-    for i in range(0, len(images), per_step):
+    for i in tqdm(range(0, len(images), per_step), desc=f"IW-NLL K={k}", leave=False):
         x = to_float(images[i:i + per_step]).to(device)
         eps = torch.randn(k, len(x), model.latent_dim, generator=g).to(device)
         log_w = log_importance_weights(model, x, eps)                   # (K, B)
@@ -502,17 +503,20 @@ def prior_samples(model, n, seed, device):
 
 @torch.no_grad()
 def write_pictures(model, test, expdir, step, device):
-    """samples_<step>.png (64 prior samples, fixed z), recon_<step>.png (rows of 8 test images,
-    each above its reconstruction from z = mu) and interp_<step>.png (8 rows: z moves linearly
-    from the mean code of one test image to another's in 10 steps)."""
+    """samples_<step>.png (64 prior samples, fixed z), recon_<step>.png (up to 4 rows of 8 test
+    images, each above its reconstruction from z = mu) and interp_<step>.png (up to 8 rows: z moves
+    linearly from the mean code of test image 2i to that of image 2i+1 in 10 steps)."""
     save_grid(os.path.join(expdir, f"samples_{step}.png"), prior_samples(model, 64, 0, device), 8)
-    x = to_float(test[:32]).to(device)
+    cols = min(8, len(test))
+    rows = min(4, len(test) // cols)
+    x = to_float(test[:rows * cols]).to(device)
     recon = model.mean_image(model.decode(model.encode(x)[0]))
-    pairs = torch.stack([x.view(4, 8, *x.shape[1:]), recon.view(4, 8, *x.shape[1:])], 1)  # (4 rows, in/out, 8, ...)
-    save_grid(os.path.join(expdir, f"recon_{step}.png"), pairs.flatten(0, 2), 8)
+    pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], 1)  # in/out
+    save_grid(os.path.join(expdir, f"recon_{step}.png"), pairs.flatten(0, 2), cols)
     mu = model.encode(to_float(test[:16]).to(device))[0]
+    a, b = (mu[0::2], mu[1::2]) if len(mu) > 1 else (mu, mu)
     t = torch.linspace(0, 1, 10, device=device)[None, :, None]
-    z = (1 - t) * mu[0::2, None] + t * mu[1::2, None]                  # (8, 10, D)
+    z = (1 - t) * a[:len(b), None] + t * b[:, None]                     # (pairs, 10, D)
     save_grid(os.path.join(expdir, f"interp_{step}.png"), model.mean_image(model.decode(z.flatten(0, 1))), 10)
 
 
@@ -637,4 +641,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training, where ckpt.pt is saved first: nothing to save
+        raise SystemExit("interrupted")
