@@ -196,6 +196,15 @@ def test_download_verifies_md5(http_dir, tmp_path, monkeypatch):
     assert not [f for f in os.listdir(other) if f.endswith(".part")]
 
 
+def test_fashion_downloads_into_its_folder_and_trains(http_dir, tmp_path, monkeypatch):
+    served, url = http_dir
+    monkeypatch.setitem(tiny_vae.MD5, "fashion", fake_mnist(str(served)))
+    final = tiny_vae.main(["--dataset", "fashion", "--datadir", str(tmp_path / "data"), "--data_url", url,
+                           "--arch", "mlp", "--epochs", "1", "--iw_samples", "2", "--basedir", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path / "data" / "fashion")) == sorted(tiny_vae.MD5["fashion"])
+    assert math.isfinite(final["test_nelbo"]) and (tmp_path / "vae_fashion_mlp" / "best.pt").exists()
+
+
 def test_download_without_network_is_one_line(tmp_path):
     msg = error_of(["--datadir", str(tmp_path), "--data_url", "http://127.0.0.1:9/", "--basedir", str(tmp_path)])
     assert "cannot download" in msg and "by hand" in msg
