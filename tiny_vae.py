@@ -240,7 +240,7 @@ def make_shapes(n, size=28, seed=0):
 
 def load_folder(root, size):
     """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
-    -> uint8 (N, C, size, size), C = 3 if any image has colour, else 1."""
+    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
     if len(files) < 3:
