@@ -72,8 +72,11 @@ def classifier(datadir, epochs=8):
 
 @torch.no_grad()
 def features(net, images):
-    """uint8 (N, 28, 28) or float in [0, 1] -> (features (N, 84) float64, predicted class (N,))."""
+    """uint8 (N, 28, 28) or float in [0, 1] -> (features (N, 84) float64, predicted class (N,)).
+    32x32 images (tiny_wgan pads MNIST to 32) are cropped to their central 28x28."""
     x = torch.as_tensor(images)
+    if x.shape[-1] == 32:
+        x = x[..., 2:30, 2:30]
     x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).reshape(-1, 1, 28, 28)
     f = torch.cat([net.features(b) for b in x.split(500)])
     return f.double().numpy(), net.fc3(f).argmax(1).numpy()

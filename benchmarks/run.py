@@ -29,6 +29,9 @@ SECTIONS = {  # script -> (section title, table header)
     "vae": ("tiny_vae.py on mnist_small (8k train / 2k test real MNIST digits)",
             "| date | machine | torch | command | budget | test -ELBO (nats) | IW-NLL (nats) | FD (real floor) "
             "| coverage | train images/s |\n|---|---|---|---|---|---|---|---|---|---|"),
+    "wgan": ("tiny_wgan.py on mnist_small (8k train / 2k test real MNIST digits)",
+             "| date | machine | torch | command | budget | FD (real floor) | coverage | generator steps/s "
+             "| final W estimate |\n|---|---|---|---|---|---|---|---|---|"),
 }
 
 
@@ -73,6 +76,26 @@ def bench_vae(args, extra):
     return " ".join(shown), figures
 
 
+def bench_wgan(args, extra):
+    import fd
+    name = "wgan_" + "_".join([f"{args.minutes:g}min"] + [e.strip("-") for e in extra])
+    shown = ["python", "tiny_wgan.py", "--datadir", args.datadir, "--max_minutes", f"{args.minutes:g}"] + extra
+    private = ["--basedir", RUNS, "--expname", name]
+    run([sys.executable] + shown[1:] + private + ["--no_reload"])
+    expdir = os.path.join(RUNS, name)
+    final = json.load(open(os.path.join(expdir, "final.json")))
+    rows = [json.loads(line) for line in open(os.path.join(expdir, "metrics.jsonl"))]
+    speed = final["step"] / final["train_seconds"]
+    run([sys.executable] + shown[1:] + private + ["--sample_only", "2000"])
+    datadir = os.path.join(ROOT, args.datadir)
+    sampled = fd.score(np.load(os.path.join(expdir, "samples.npy")), datadir)
+    floor = fd.calibration(datadir)["real"]["fd"]
+    figures = [f"{sampled['fd']:.0f} ({floor:.0f})", f"{sampled['coverage'] * 10:.0f}/10",
+               f"{speed:.2f} ({final['step']} steps, {rows[-1]['critic_steps']} critic)",
+               f"{final['wasserstein_test']:.4g}"]
+    return " ".join(shown), figures
+
+
 def append_row(script, command, figures, minutes):
     title, header = SECTIONS[script]
     row = "| " + " | ".join([datetime.date.today().isoformat(), machine(), torch.__version__, f"`{command}`",
@@ -101,11 +124,15 @@ def main():
     p.add_argument("--minutes", type=float, required=True, help="training budget (--max_minutes)")
     p.add_argument("--datadir", default="../shared/data/mnist_small")
     p.add_argument("--iw_samples", type=int, default=1000)
+    p.add_argument("--dry", action="store_true", help="print the row, do not append it to results.md")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)            # flags after -- go to the script
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    command, figures = {"vae": bench_vae}[args.script](args, extra)
-    append_row(args.script, command, figures, args.minutes)
+    command, figures = {"vae": bench_vae, "wgan": bench_wgan}[args.script](args, extra)
+    if args.dry:
+        print(" | ".join([command] + figures))
+    else:
+        append_row(args.script, command, figures, args.minutes)
 
 
 if __name__ == "__main__":
