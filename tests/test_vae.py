@@ -1,16 +1,11 @@
 """Tests of tiny_vae.py: the math against closed forms, the data readers against generated
 files, and the CLI end to end on the procedural dataset. Run: pytest tests/"""
-import functools
 import gzip
-import hashlib
-import http.server
 import json
 import math
 import os
 import re
-import struct
 import sys
-import threading
 
 import imageio.v3 as iio
 import numpy as np
@@ -19,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_vae  # noqa: E402
+from helpers import fake_mnist, one_line_error, write_idx  # noqa: E402
 
 
 def small_vae(arch="conv", latent_dim=4, likelihood="bernoulli"):
@@ -27,12 +23,7 @@ def small_vae(arch="conv", latent_dim=4, likelihood="bernoulli"):
 
 
 def error_of(argv):
-    """Run the CLI, expect a one-line user error; return its text."""
-    with pytest.raises(SystemExit) as e:
-        tiny_vae.main(argv)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
+    return one_line_error(tiny_vae.main, argv)
 
 
 # ---------------------------------------------------------------- math
@@ -114,23 +105,6 @@ def test_loss_does_not_depend_on_how_the_batch_is_split():
 
 
 # ---------------------------------------------------------------- data
-def write_idx(path, array, code=0x08):
-    head = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = head + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
-        f.write(data)
-
-
-def fake_mnist(folder, n_train=40, n_test=20, size=28):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, size, size), np.uint8))
-        write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, np.uint8))
-    return {name: hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()
-            for name in tiny_vae.MD5["mnist"]}
-
-
 @pytest.mark.parametrize("name,code,dtype", [("a.idx.gz", 0x08, np.uint8), ("b.idx", 0x0C, np.int32),
                                              ("c.idx", 0x0D, np.float32)])
 def test_read_idx_roundtrip(tmp_path, name, code, dtype):
@@ -159,22 +133,6 @@ def test_idx_dataset_checks_image_size(tmp_path):
     fake_mnist(str(tmp_path / "mnist"), size=20)
     with pytest.raises(SystemExit, match="28x28"):
         tiny_vae.load_idx_dataset("mnist", str(tmp_path / "mnist"))
-
-
-@pytest.fixture
-def http_dir(tmp_path):
-    """A local http.server on 127.0.0.1 serving tmp_path/served."""
-    served = tmp_path / "served"
-    served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
 
 
 def test_download_verifies_md5(http_dir, tmp_path, monkeypatch):

@@ -1,18 +1,13 @@
 """Tests of tiny_wgan.py: clipping and the gradient penalty against hand-computed cases, the data
 readers against generated files, and the CLI end to end on the procedural dataset. Run: pytest tests/"""
-import functools
-import gzip
 import hashlib
-import http.server
 import io
 import json
 import os
 import re
 import signal
-import struct
 import sys
 import tarfile
-import threading
 
 import imageio.v3 as iio
 import numpy as np
@@ -22,6 +17,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_wgan  # noqa: E402
+from helpers import fake_mnist, one_line_error  # noqa: E402
 
 
 def small_wgan(norm="layer", size=16, channels=1):
@@ -30,12 +26,7 @@ def small_wgan(norm="layer", size=16, channels=1):
 
 
 def error_of(argv):
-    """Run the CLI, expect a one-line user error; return its text."""
-    with pytest.raises(SystemExit) as e:
-        tiny_wgan.main(argv)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
+    return one_line_error(tiny_wgan.main, argv)
 
 
 # ---------------------------------------------------------------- math
@@ -152,22 +143,8 @@ def test_loss_terms_do_not_depend_on_how_the_batch_is_split(mode):
 
 
 # ---------------------------------------------------------------- data
-def write_idx(path, array):
-    head = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + array.tobytes())
-
-
-def fake_mnist(folder, n_train=80, n_test=20, size=28):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), rng.integers(1, 256, (n, size, size), np.uint8))
-        write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n).astype(np.uint8))
-
-
 def test_mnist_is_padded_to_32_and_scaled_to_plus_minus_one(tmp_path):
-    fake_mnist(str(tmp_path / "mnist"))
+    fake_mnist(str(tmp_path / "mnist"), n_train=80, low=1)
     train, test = tiny_wgan.load_dataset(tiny_wgan.parse_args(["--datadir", str(tmp_path)]))
     assert train.shape == (80, 1, 32, 32) and test.shape == (20, 1, 32, 32)
     assert train[:, :, :2].max() == 0 and train[:, :, :, -2:].max() == 0 and train[:, :, 2:30, 2:30].min() > 0
@@ -188,22 +165,6 @@ def cifar_archive(path, n=4, evil=False):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return hashlib.md5(open(path, "rb").read()).hexdigest()
-
-
-@pytest.fixture
-def http_dir(tmp_path):
-    """A local http.server on 127.0.0.1 serving tmp_path/served."""
-    served = tmp_path / "served"
-    served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
 
 
 def test_cifar_downloads_checks_md5_and_reads_binary_records(http_dir, tmp_path, monkeypatch):

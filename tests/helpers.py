@@ -1,0 +1,36 @@
+"""Helpers shared by the test files: one-line user errors and generated idx files."""
+import gzip
+import hashlib
+import os
+import struct
+
+import numpy as np
+import pytest
+
+
+def one_line_error(main, argv):
+    """Run a script's main(argv), expect a one-line user error `error: ...`; return its text."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+def write_idx(path, array, code=0x08):
+    """An idx file (gzipped if path ends in .gz): zero, zero, dtype code, ndim, big-endian sizes, data."""
+    head = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = head + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(data)
+
+
+def fake_mnist(folder, n_train=40, n_test=20, size=28, low=0):
+    """The four MNIST idx .gz files with random pixels in [low, 255]. -> {file name: md5}."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte.gz"), rng.integers(low, 256, (n, size, size), np.uint8))
+        write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, np.uint8))
+    return {name: hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(folder)) if name.endswith("-ubyte.gz")}
