@@ -1,0 +1,741 @@
+"""tiny_nerf.py: neural radiance fields in one file.
+
+Mildenhall et al., "NeRF: Representing Scenes as Neural Radiance Fields for View Synthesis",
+ECCV 2020 (arXiv:2003.08934), with the defaults of the reference PyTorch code for the Blender scenes.
+A camera ray r(t) = o + t d is sampled at N_samples depths between near and far; an MLP maps each
+positionally encoded point gamma(x) and view direction gamma(d) to a density sigma and a colour c,
+and volume rendering composites them (eq. 3):
+    C(r) = sum_i T_i (1 - exp(-sigma_i delta_i)) c_i,    T_i = exp(-sum_{j<i} sigma_j delta_j).
+A second, "fine" MLP is queried at N_importance more depths drawn from the coarse weights
+(hierarchical sampling, sec. 5.2); the loss is the squared error of both renderings (eq. 6).
+
+Usage:
+    python tiny_nerf.py --scene lego                           # downloads nerf_synthetic into data/ if missing
+    python tiny_nerf.py --datadir ../shared/data --preset cpu --max_minutes 15 --testskip 50
+    python tiny_nerf.py --scene procedural                     # a generated scene: no network needed
+    python tiny_nerf.py --render_only                          # test views and video from logs/nerf_lego/ckpt.pt
+Outputs go to logs/<expname>/ (args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4).
+"""
+import argparse
+import fnmatch
+import http.client
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+import urllib.request
+import zipfile
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code)
+
+
+def fail(what, where, fix):
+    """A user error: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {what} ({where}): {fix}")
+
+
+# ---------------------------------------------------------------- arguments
+PRESETS = {  # applied before the flags given on the command line, which win
+    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=1024, amp=True, video_factor=4),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        fail(message, "command line", "see python tiny_nerf.py --help")
+
+
+def positive(kind, zero=False):
+    def check(text):
+        value = kind(text)
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
+        return value
+    return check
+
+
+def get_parser():
+    p = Parser(description="NeRF in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pint, nint, nfloat = positive(int), positive(int, zero=True), positive(float, zero=True)
+    flag = argparse.BooleanOptionalAction                               # --flag / --no-flag
+    g = p.add_argument_group("data")
+    g.add_argument("--scene", default="lego", help="<datadir>/nerf_synthetic/<scene>, or procedural: generated here")
+    g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
+    g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
+    g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
+    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings onto white, else black")
+    g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
+    g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
+    g = p.add_argument_group("model")
+    g.add_argument("--netdepth", type=pint, default=8, help="layers of the coarse MLP")
+    g.add_argument("--netwidth", type=pint, default=256, help="units per layer of the coarse MLP")
+    g.add_argument("--netdepth_fine", type=pint, default=8, help="layers of the fine MLP")
+    g.add_argument("--netwidth_fine", type=pint, default=256, help="units per layer of the fine MLP")
+    g.add_argument("--multires", type=nint, default=10, help="L, frequencies encoding a position")
+    g.add_argument("--multires_views", type=nint, default=4, help="L, frequencies encoding a view direction")
+    g.add_argument("--use_viewdirs", action=flag, default=True, help="colour depends on the view direction")
+    g = p.add_argument_group("rendering")
+    g.add_argument("--N_samples", type=pint, default=64, help="stratified samples per ray (coarse MLP)")
+    g.add_argument("--N_importance", type=nint, default=128, help="more samples per ray for the fine MLP (0: none)")
+    g.add_argument("--perturb", type=nfloat, default=1.0, help="jitter the samples in training if > 0 (on/off, not a scale)")
+    g.add_argument("--lindisp", action="store_true", help="sample linearly in disparity rather than depth")
+    g.add_argument("--raw_noise_std", type=nfloat, default=0.0, help="std of noise added to the density in training")
+    g.add_argument("--chunk", type=pint, default=1024 * 32, help="rays rendered at once")
+    g.add_argument("--netchunk", type=pint, default=None, help="points through an MLP at once (default: 65536 on GPUs "
+                   "as in the reference code, 4096 on CPUs, where small chunks reuse memory and run twice as fast)")
+    g.add_argument("--amp", action=flag, default=False, help="bfloat16 MLPs (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
+    g = p.add_argument_group("training")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"new defaults, under the given flags: {PRESETS}")
+    g.add_argument("--N_iters", type=pint, default=200000, help="training steps")
+    g.add_argument("--N_rand", type=pint, default=1024, help="rays per step (split over --gpus)")
+    g.add_argument("--lrate", type=positive(float), default=5e-4, help="Adam learning rate at step 0")
+    g.add_argument("--lrate_decay", type=positive(float), default=500, help="lrate falls tenfold every N thousand steps")
+    g.add_argument("--precrop_iters", type=nint, default=500, help="first steps drawing rays from the image centre only")
+    g.add_argument("--precrop_frac", type=float, default=0.5, help="size of that centre crop")
+    g.add_argument("--use_batching", action="store_true", help="draw a step's rays from all images, not one random image")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'coarse.*'")
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
+    g.add_argument("--i_weights", type=pint, default=10000, help="steps between checkpoints")
+    g.add_argument("--i_testset", type=pint, default=50000, help="steps between test-set renderings")
+    g.add_argument("--i_video", type=pint, default=50000, help="steps between turntable videos")
+    g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor (0: none)")
+    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this factor (0: --render_factor)")
+    g.add_argument("--render_only", action="store_true", help="render test views and video from the checkpoint and exit")
+    g = p.add_argument_group("run")
+    g.add_argument("--basedir", default="logs", help="where experiment folders go")
+    g.add_argument("--expname", default=None, help="experiment folder name (default: nerf_<scene>[_<preset>])")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: all visible)")
+    g.add_argument("--no_reload", action="store_true", help="start fresh instead of resuming from ckpt.pt")
+    g.add_argument("--ckpt", default=None, help="checkpoint to load instead of logs/<expname>/ckpt.pt")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    preset = p.parse_args(argv).preset
+    if preset:  # the preset changes the defaults, so the flags given explicitly still win
+        p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    if not 0 < args.precrop_frac <= 1:
+        fail(f"must be in (0, 1], got {args.precrop_frac}", "--precrop_frac", "e.g. --precrop_frac 0.5")
+    if args.scene != os.path.basename(args.scene) or args.scene in ("", ".", ".."):
+        fail(f"not a scene name: {args.scene!r}", "--scene", "name a folder of <datadir>/nerf_synthetic")
+    args.expname = args.expname or f"nerf_{args.scene}" + (f"_{preset}" if preset else "")
+    return args
+
+
+# ---------------------------------------------------------------- data
+SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
+SYNTHETIC_PAGE = "https://drive.google.com/drive/folders/128yBriW1IG_3NJ5Rp7APSTZsJqdJdfc1"  # linked from the NeRF site
+SYNTHETIC_URL = "https://drive.usercontent.google.com/download?id=18JxhpWD-4ZmuFKLzKlAw-w5PpzZxXOcG&export=download&confirm=t"
+
+
+def fetch_synthetic(datadir, url):
+    """Download nerf_synthetic.zip (no checksum is published) with a progress bar, then unpack its scenes into
+    datadir/nerf_synthetic/: each by one rename once complete, no archive member may escape the folder."""
+    target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
+    os.makedirs(datadir, exist_ok=True)
+    try:
+        if not os.path.exists(zip_path):
+            with urllib.request.urlopen(url, timeout=30) as r, open(zip_path + ".part", "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc="nerf_synthetic.zip") as bar:
+                    while chunk := r.read(1 << 20):
+                        bar.update(f.write(chunk))
+            os.replace(zip_path + ".part", zip_path)            # complete: only now under its name
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        fail(f"cannot download {url} ({e})", target,
+             f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and unzip it into {datadir}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for member in tqdm(z.infolist(), desc="unzip", leave=False):
+                if not os.path.realpath(os.path.join(tmp, member.filename)).startswith(os.path.realpath(tmp) + os.sep):
+                    fail(f"member {member.filename!r} would escape the target folder", zip_path, "delete the file")
+                if member.filename.startswith("nerf_synthetic/"):
+                    z.extract(member, tmp)
+    except zipfile.BadZipFile:
+        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
+    if not os.path.isdir(os.path.join(tmp, "nerf_synthetic")):
+        fail("no nerf_synthetic/ folder in the archive", zip_path, f"delete it and get the file from {SYNTHETIC_PAGE}")
+    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
+        if not os.path.exists(os.path.join(target, scene)):
+            os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
+    shutil.rmtree(tmp)
+    os.remove(zip_path)
+
+
+def composite(rgba, white):
+    """RGBA (..., 4) straight alpha -> RGB (..., 3) over a white or black background: C = a c + (1 - a) bg."""
+    return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
+
+
+def to_uint8(image):
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def area_resize(image, h, w):
+    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
+    return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
+
+
+def read_rgba(path, half_res):
+    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+    if not os.path.exists(path):
+        fail("missing image", path, "download the scene again or fix file_path in its transforms file")
+    try:
+        a = np.asarray(iio.imread(path))
+    except Exception as e:  # imageio raises many types for a broken file
+        fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
+        fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
+    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
+    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
+    return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
+
+
+def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
+    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x
+    and per frame a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the
+    camera looks down its -z axis, +y up). -> dict: images (N, H, W, 3) and poses (N, 4, 4), test_images,
+    test_poses, test_ids (indices in transforms_test.json), H, W, focal."""
+    data, shape = {}, None
+    for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
+        path = os.path.join(folder, f"transforms_{name}.json")
+        if not os.path.exists(path):
+            fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
+        try:
+            meta = json.loads(pathlib.Path(path).read_text())
+            frames = meta["frames"][::skip]
+            data[split + "poses"] = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)
+            data[split + "angle"], files = float(meta["camera_angle_x"]), [f["file_path"] for f in frames]
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"not a Blender transforms file ({type(e).__name__}: {e})", path, "replace the file")
+        if not frames or data[split + "poses"].shape[1:] != (4, 4):
+            fail("expected frames with a 4x4 transform_matrix", path, "replace the file")
+        images = []
+        for file in tqdm(files, desc=f"{name} images", leave=False):
+            file = os.path.normpath(os.path.join(folder, file + ("" if file.endswith(".png") else ".png")))
+            rgba = read_rgba(file, half_res)
+            if shape and rgba.shape != shape:
+                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+            shape = rgba.shape
+            images.append(composite(rgba, white_bkgd))
+        data[split + "images"] = torch.stack(images)
+    data["test_ids"], (data["H"], data["W"]) = list(range(0, len(data["test_images"]) * testskip, testskip)), shape[:2]
+    data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
+    return data
+
+
+def get_rays(H, W, focal, c2w, ys=None, xs=None):
+    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4).
+    -> origins, directions (H, W, 3) or (*S, 3), world frame. Pixel (y, x) looks along ((x + 0.5 - W/2) / f,
+    -(y + 0.5 - H/2) / f, -1) in the camera frame (the reference code omits the 0.5; Blender renders centres)."""
+    if ys is None:
+        ys, xs = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
+    dirs = torch.stack([(xs + 0.5 - 0.5 * W) / focal, -(ys + 0.5 - 0.5 * H) / focal, -torch.ones_like(xs)], -1).float()
+    rays_d = (c2w[..., :3, :3] @ dirs[..., None])[..., 0]            # d = R d_cam
+    return c2w[..., :3, 3].expand(rays_d.shape), rays_d              # o = camera centre
+
+
+def orbit_pose(azimuth, elevation, radius):
+    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
+    looking at the origin, world +z up (the synthetic scenes' convention)."""
+    a, e = math.radians(float(azimuth)), math.radians(float(elevation))
+    back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
+    right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
+    c2w = torch.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
+    return c2w
+
+
+SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
+           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
+BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
+FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
+
+
+def ray_cast(o, d):
+    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
+    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
+    hits = []                                                           # (t, normal, albedo, specular)
+    for centre, r, colour in SPHERES:
+        oc = o - torch.tensor(centre)
+        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
+        t = -b - disc.clamp(min=0).sqrt()
+        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
+    lo, hi, colour = (torch.tensor(v) for v in BOX)
+    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
+    t_in, axis = torch.minimum(t1, t2).max(-1)
+    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
+    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
+    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
+    p = o + t[..., None] * d
+    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
+    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
+                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
+    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
+    for t, n, a, s in hits:
+        near = t < best
+        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
+        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
+    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
+    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
+    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
+    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
+    return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
+
+
+def make_procedural(folder, size, views=(40, 4, 8)):
+    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
+    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
+    g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, n in zip(("train", "val", "test"), views):
+        os.makedirs(os.path.join(tmp, split))
+        azimuth, elevation = torch.rand(n, generator=g) * 360, 10 + 60 * torch.rand(n, generator=g)
+        if split == "test":
+            azimuth, elevation = torch.arange(n) * 360 / n + 15, torch.full((n,), 30.0)
+        frames = []
+        for i in range(n):
+            c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
+            o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
+            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
+            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
+            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    os.replace(tmp, folder)
+
+
+def load_scene(args):
+    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
+    name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
+    folder = os.path.join(args.datadir, "nerf_synthetic", name)
+    if not os.path.exists(folder) and args.scene == "procedural":
+        make_procedural(folder, args.proc_size)
+    elif not os.path.exists(folder):
+        if args.scene not in SYNTHETIC:
+            fail("no such scene folder", folder, f"use one of {', '.join(SYNTHETIC)} or procedural, or check --datadir")
+        fetch_synthetic(args.datadir, args.data_url or SYNTHETIC_URL)
+    return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
+
+
+def sample_batch(data, step, args, g):
+    """N_rand training rays and their colours, on the CPU, drawn with generator g: distinct pixels of one random
+    image (the reference's Blender default; its central crop during the first precrop_iters steps, so that the
+    white background does not win early), or pixels of all images (--use_batching). -> (N, 6), (N, 3)."""
+    images, poses = data["images"], data["poses"]
+    n, H, W = images.shape[:3]
+    if args.use_batching:
+        k = torch.randint(n * H * W, (args.N_rand,), generator=g)
+        img, ys, xs = k // (H * W), k // W % H, k % W
+    else:
+        y0, y1, x0, x1 = 0, H, 0, W
+        if step < args.precrop_iters:
+            dh, dw = max(1, int(H // 2 * args.precrop_frac)), max(1, int(W // 2 * args.precrop_frac))
+            y0, y1, x0, x1 = H // 2 - dh, H // 2 + dh, W // 2 - dw, W // 2 + dw
+        k = torch.randperm((y1 - y0) * (x1 - x0), generator=g)[:args.N_rand]
+        img, ys, xs = torch.randint(n, (), generator=g).expand(len(k)), y0 + k // (x1 - x0), x0 + k % (x1 - x0)
+    o, d = get_rays(H, W, data["focal"], poses[img], ys, xs)
+    return torch.cat([o, d], -1), images[img, ys, xs]
+
+
+# ---------------------------------------------------------------- model
+def positional_encoding(x, L):
+    """gamma(p) = (p, sin(2^0 p), cos(2^0 p), ..., sin(2^(L-1) p), cos(2^(L-1) p))  (NeRF eq. 4, keeping p and
+    without the paper's factor pi, as the reference code does). x (..., 3) -> (..., 3 + 6 L)."""
+    xf = x[..., None, :] * 2.0 ** torch.arange(L, device=x.device, dtype=x.dtype)[:, None]  # (..., L, 3)
+    return torch.cat([x, torch.stack([xf.sin(), xf.cos()], -2).flatten(-3)], -1)
+
+
+class MLP(nn.Module):
+    """The NeRF MLP (paper fig. 7; the reference code's layout and names): gamma(x) through `depth` ReLU layers, fed
+    again after layer `skip`; density from the last one; a feature + gamma(d) -> width/2 -> rgb (else rgb directly)."""
+
+    def __init__(self, depth, width, in_pts, in_views, use_viewdirs, skip=4):
+        super().__init__()
+        self.skip, self.use_viewdirs = skip, use_viewdirs
+        self.pts_linears = nn.ModuleList([nn.Linear(in_pts, width)] + [
+            nn.Linear(width + (in_pts if k == skip + 1 else 0), width) for k in range(1, depth)])
+        if use_viewdirs:
+            self.alpha_linear, self.feature_linear = nn.Linear(width, 1), nn.Linear(width, width)
+            self.views_linears = nn.ModuleList([nn.Linear(width + in_views, width // 2)])
+            self.rgb_linear = nn.Linear(width // 2, 3)
+        else:
+            self.output_linear = nn.Linear(width, 4)
+
+    def forward(self, x, d):
+        """x (P, in_pts) encoded points, d (P, in_views) encoded directions -> raw (P, 4): rgb logits, density."""
+        h = x
+        for k, layer in enumerate(self.pts_linears):
+            h = F.relu(layer(torch.cat([x, h], -1) if k == self.skip + 1 else h), inplace=True)
+        if not self.use_viewdirs:
+            return self.output_linear(h)
+        sigma = self.alpha_linear(h)                                    # density does not depend on the view
+        h = torch.cat([self.feature_linear(h), d], -1)
+        for layer in self.views_linears:
+            h = F.relu(layer(h), inplace=True)
+        return torch.cat([self.rgb_linear(h), sigma], -1)
+
+
+RENDER_OPTIONS = ("N_samples", "N_importance", "lindisp", "raw_noise_std", "white_bkgd", "netchunk", "amp")
+
+
+class NeRF(nn.Module):
+    """Coarse and fine MLPs, and how rays are rendered with them. forward(rays, target, u) returns this
+    replica's summed squared errors, one per network, so DataParallel gathers a few numbers on GPU 0;
+    forward(rays) returns the rendered maps (full images, split over the GPUs alike).
+    config: the architecture, saved with the weights; RENDER_OPTIONS: set by the caller, not saved."""
+
+    def __init__(self, netdepth=8, netwidth=256, netdepth_fine=8, netwidth_fine=256, multires=10, multires_views=4,
+                 use_viewdirs=True, fine=True):
+        super().__init__()
+        self.config = dict(netdepth=netdepth, netwidth=netwidth, netdepth_fine=netdepth_fine, netwidth_fine=netwidth_fine,
+                           multires=multires, multires_views=multires_views, use_viewdirs=use_viewdirs, fine=fine)
+        self.multires, self.multires_views = multires, multires_views
+        in_pts, in_views = 3 + 6 * multires, (3 + 6 * multires_views) * use_viewdirs  # 63 and 27 by default
+        self.coarse = MLP(netdepth, netwidth, in_pts, in_views, use_viewdirs)
+        self.fine = MLP(netdepth_fine, netwidth_fine, in_pts, in_views, use_viewdirs) if fine else None
+        self.N_samples, self.N_importance, self.lindisp, self.raw_noise_std = 64, 128, False, 0.0
+        self.white_bkgd, self.netchunk, self.amp = True, 1024 * 64, False
+
+    def query(self, mlp, pts, viewdirs):
+        """pts (N, S, 3), viewdirs (N, 3) -> raw (N, S, 4) in float32; netchunk points at a time, bfloat16 with amp."""
+        p, v = pts.reshape(-1, 3), viewdirs[:, None].expand(pts.shape).reshape(-1, 3)
+        with torch.autocast(pts.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            raw = [mlp(positional_encoding(a, self.multires), positional_encoding(b, self.multires_views))
+                   for a, b in zip(p.split(self.netchunk), v.split(self.netchunk))]
+        return torch.cat(raw).float().view(*pts.shape[:-1], 4)
+
+    def forward(self, rays, target=None, u=None):
+        """rays (N, 6): origins and directions; target (N, 3) colours or None; u (N, N_samples + N_importance)
+        uniforms, or None for deterministic samples. -> (1, networks) summed squared errors, the fine network's
+        first, or without target (N, 6): rgb, depth, disparity and opacity of the last network."""
+        outs = render_rays(self, rays, u, self.raw_noise_std if target is not None else 0.0)
+        if target is not None:
+            return torch.stack([((out[0] - target) ** 2).sum() for out in outs[::-1]])[None]
+        rgb, depth, disp, acc, _ = outs[-1]
+        return torch.cat([rgb, depth[:, None], disp[:, None], acc[:, None]], -1)
+
+
+# ---------------------------------------------------------------- rendering
+def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
+    """Volume rendering (NeRF eq. 3) of raw MLP outputs (N, S, 4) at sorted depths z (N, S) along rays_d (N, 3).
+    -> rgb (N, 3), depth (N,), disparity (N,), accumulated opacity (N,), weights (N, S)."""
+    delta = torch.cat([z[:, 1:] - z[:, :-1], torch.full_like(z[:, :1], 1e10)], -1)  # delta_i = t_{i+1} - t_i, last: inf
+    delta = delta * rays_d.norm(dim=-1, keepdim=True)                   # in world units: |d| need not be 1
+    noise = torch.randn_like(z) * raw_noise_std if raw_noise_std > 0 else 0.0  # a regulariser (reference code)
+    sigma = F.relu(raw[..., 3] + noise)                                 # sigma >= 0
+    alpha = 1 - torch.exp(-sigma * delta)                               # alpha_i = 1 - exp(-sigma_i delta_i)
+    T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # T_i = prod_{j<i}(1 - alpha_j)
+    weights = alpha * T[:, :-1]                                         # w_i = T_i alpha_i   (N, S)
+    rgb = (weights[..., None] * torch.sigmoid(raw[..., :3])).sum(1)     # C = sum_i w_i c_i   (eq. 3)
+    depth, acc = (weights * z).sum(1), weights.sum(1)                   # sum_i w_i t_i, sum_i w_i <= 1
+    disp = 1 / torch.clamp(depth / acc.clamp(min=1e-10), min=1e-10)     # inverse of the expected depth of the hit
+    if white_bkgd:
+        rgb = rgb + (1 - acc[:, None])                                  # what the ray does not hit is white
+    return rgb, depth, disp, acc, weights
+
+
+def sample_pdf(bins, weights, n, u=None):
+    """n samples per ray by inverse transform sampling (NeRF sec. 5.2) of the piecewise-constant pdf with bin
+    edges bins (N, B + 1) and weights (N, B). u (N, n) uniforms, or None for the quantiles (i + 0.5) / n:
+    deterministic (the reference's linspace(0, 1) puts the first and last sample on the outer edges). -> (N, n)"""
+    w = weights + 1e-5                                                  # no empty pdf (reference code)
+    cdf = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
+    cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], -1)            # (N, B + 1), 0 ... 1
+    if u is None:
+        u = ((torch.arange(n, device=bins.device) + 0.5) / n).expand(len(bins), n)
+    idx = torch.searchsorted(cdf, u.contiguous(), right=True)           # cdf[idx - 1] <= u < cdf[idx]
+    lo, hi = (idx - 1).clamp(min=0), idx.clamp(max=cdf.shape[-1] - 1)
+    c0, c1, b0, b1 = cdf.gather(-1, lo), cdf.gather(-1, hi), bins.gather(-1, lo), bins.gather(-1, hi)
+    denom = torch.where(c1 - c0 < 1e-5, torch.ones_like(c0), c1 - c0)
+    return b0 + (u - c0) / denom * (b1 - b0)                            # invert the CDF's linear piece
+
+
+def render_rays(nerf, rays, u=None, raw_noise_std=0.0):
+    """Hierarchical volume sampling (sec. 5.2). rays (N, 6); u (N, N_samples + N_importance) or None.
+    -> [raw2outputs of the coarse network, then of the fine one if there is one]."""
+    o, d, S = rays[:, :3], rays[:, 3:6], nerf.N_samples
+    t = torch.linspace(0, 1, S, device=rays.device)
+    z = 1 / (1 / NEAR * (1 - t) + 1 / FAR * t) if nerf.lindisp else NEAR * (1 - t) + FAR * t
+    z = z.expand(len(rays), S)                                          # (N, S)
+    if u is not None:  # one uniform depth per bin (eq. 2); bins between midpoints, as in the reference code
+        mids = 0.5 * (z[:, 1:] + z[:, :-1])
+        lower, upper = torch.cat([z[:, :1], mids], -1), torch.cat([mids, z[:, -1:]], -1)
+        z = lower + (upper - lower) * u[:, :S]
+    viewdirs = d / d.norm(dim=-1, keepdim=True)
+
+    def shade(mlp, z):                                                  # r(t) = o + t d at depths z: (N, S, 3)
+        raw = nerf.query(mlp, o[:, None] + d[:, None] * z[..., None], viewdirs)
+        return raw2outputs(raw, z, d, raw_noise_std, nerf.white_bkgd)
+    outs = [shade(nerf.coarse, z)]
+    if nerf.fine is not None and nerf.N_importance > 0:  # more depths where the coarse weights are, all sorted
+        extra = sample_pdf(0.5 * (z[:, 1:] + z[:, :-1]), outs[0][4][:, 1:-1], nerf.N_importance,
+                           None if u is None else u[:, S:])
+        outs.append(shade(nerf.fine, torch.sort(torch.cat([z, extra.detach()], -1), -1).values))
+    return outs
+
+
+# ---------------------------------------------------------------- training
+def mse2psnr(mse):
+    return -10 * math.log10(max(float(mse), 1e-10))                    # PSNR = -10 log10(MSE), colours in [0, 1]
+
+
+def train_step(model, opt, rays, target, u):
+    """One Adam step on rays (N, 6) and target colours (N, 3); u as in NeRF.forward.
+    -> MSE per network, the fine one first (detached)."""
+    mse = model(rays, target, u).sum(0) / target.numel()                # sum over replicas / global count
+    loss = mse.sum()                                                    # MSE(fine) + MSE(coarse)   (eq. 6)
+    if not torch.isfinite(loss):
+        fail(f"the loss became {loss.item()}", "--lrate", "lower the learning rate; ckpt.pt still holds the last good state")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return mse.detach()
+
+
+def freeze(model, patterns):
+    """Stop gradients to the parameters whose qualified names match any fnmatch pattern."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            fail(f"pattern {pattern!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
+    if n_train == 0:
+        fail("every parameter is frozen", "--freeze", "match fewer parameters")
+
+
+def pick_devices(args):
+    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
+    if device.type != "cuda":
+        return device, []
+    n = torch.cuda.device_count()
+    if n == 0:
+        fail("CUDA is not available", "--device", "use --device cpu")
+    first = device.index or 0
+    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
+    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
+        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
+    gpus = [int(i) for i in gpus]
+    return torch.device("cuda", gpus[0]), gpus
+
+
+def atomic(path, write):
+    """write(tmp) then rename: a crash or Ctrl-C never leaves a half-written file at path."""
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+def write_text(path, text):
+    atomic(path, lambda p: pathlib.Path(p).write_text(text))
+
+
+def load_checkpoint(path, device):
+    """A tiny_nerf checkpoint as a dict, or a one-line error."""
+    if not os.path.exists(path):
+        fail("no such checkpoint", path, "train first, or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many types for a foreign or damaged file
+        fail(f"not a readable checkpoint ({type(e).__name__})", path, "pass a ckpt.pt written by tiny_nerf.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_nerf":
+        fail("not a tiny_nerf checkpoint", path, "pass a ckpt.pt written by tiny_nerf.py")
+    return ckpt
+
+
+# ---------------------------------------------------------------- evaluation & outputs
+def ssim(a, b):
+    """SSIM (Wang et al. 2004) of images (H, W, 3) in [0, 1]: means, variances and covariance under an 11x11
+    Gaussian window of sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, averaged over the valid pixels and the channels."""
+    k = min(11, *a.shape[:2])                                           # smaller for images under 11 pixels
+    g = torch.exp(-(torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None]).div(g.sum() ** 2).expand(3, 1, k, k)
+    x, y = (im.permute(2, 0, 1)[None].double() for im in (a, b))
+    mx, my, xx, yy, xy = (F.conv2d(v, window, groups=3) for v in (x, y, x * x, y * y, x * y))
+    sxx, syy, sxy = xx - mx ** 2, yy - my ** 2, xy - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean().item()
+
+
+@torch.no_grad()
+def render_image(model, H, W, focal, c2w, chunk, device):
+    """One view, chunk rays at a time (split over the GPUs by DataParallel).
+    -> (H, W, 6) on the CPU: rgb, depth, disparity, accumulated opacity."""
+    o, d = get_rays(H, W, focal, c2w)
+    rays = torch.cat([o, d], -1).view(-1, 6)
+    return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
+
+
+def render_testset(model, data, args, expdir, step, device):
+    """Every test view to testset_<step>/r_<i>.png (i: its index in transforms_test.json), scored against the
+    ground truth (composited alike; area-downsampled with --render_factor): mean and per-view PSNR, SSIM."""
+    f = args.render_factor or 1
+    H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
+    folder = os.path.join(expdir, f"testset_{step}")
+    os.makedirs(folder, exist_ok=True)
+    views = {}
+    bar = tqdm(list(zip(data["test_ids"], data["test_images"], data["test_poses"])), desc="test views", leave=False)
+    for i, gt, c2w in bar:
+        rgb = render_image(model, H, W, focal, c2w, args.chunk, device)[..., :3].clamp(0, 1)
+        gt = area_resize(gt, H, W) if f > 1 else gt
+        views[str(i)] = {"psnr": mse2psnr(((rgb - gt) ** 2).mean()), "ssim": ssim(rgb, gt)}
+        atomic(os.path.join(folder, f"r_{i}.png"), lambda p: iio.imwrite(p, to_uint8(rgb)))
+        bar.set_postfix(psnr=f"{views[str(i)]['psnr']:.2f}")
+    mean = {key: float(np.mean([v[key] for v in views.values()])) for key in ("psnr", "ssim")}
+    result = {"step": step, **mean, "views": len(views), "size": [H, W], "per_view": views}
+    write_text(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1))
+    return result
+
+
+def render_video(model, data, args, expdir, step, device, frames=40):
+    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, written as
+    video_<step>.mp4 when imageio has a video writer (PyAV or imageio-ffmpeg), else video_<step>.gif."""
+    f = args.video_factor or args.render_factor or 1
+    H, W, focal = data["H"] // f // 2 * 2, data["W"] // f // 2 * 2, data["focal"] / f  # even sizes for H.264
+    radius = data["poses"][:, :3, 3].norm(dim=-1).median().item()
+    out = torch.stack([render_image(model, H, W, focal, orbit_pose(azimuth, 30, radius), args.chunk, device)
+                       for azimuth in tqdm(np.arange(frames) * 360 / frames, desc="video", leave=False)])
+    disp = out[..., 4:5] * out[..., 5:6]                                # empty space black
+    video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
+    mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
+    path = os.path.join(expdir, f"video_{step}.{'mp4' if mp4 else 'gif'}")
+    kwargs = dict(fps=30, codec="libx264") if mp4 else dict(duration=1000 / 30, loop=0)
+    atomic(path, lambda p: iio.imwrite(p, video, **kwargs))
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device, gpus = pick_devices(args)
+    args.netchunk = args.netchunk or (1024 * 64 if device.type == "cuda" else 4096)
+    expdir, data = os.path.join(args.basedir, args.expname), load_scene(args)
+    ckpt_path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    raw = NeRF(args.netdepth, args.netwidth, args.netdepth_fine, args.netwidth_fine, args.multires,
+               args.multires_views, args.use_viewdirs, args.N_importance > 0)
+    ckpt = None
+    if args.render_only or args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):
+        ckpt = load_checkpoint(ckpt_path, device)
+        raw = NeRF(**ckpt["model_args"]) if args.render_only else raw  # rendering: the checkpoint's architecture
+        for key, value in raw.config.items():
+            if ckpt["model_args"][key] != value:
+                fail(f"checkpoint has {key}={ckpt['model_args'][key]}, this run {value}", ckpt_path,
+                     "use the same flags, --no_reload to start fresh, or another --expname")
+        raw.load_state_dict(ckpt["model"])
+    raw.to(device)
+    for key in RENDER_OPTIONS:
+        setattr(raw, key, getattr(args, key))
+    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
+    print(f"{len(data['images'])} train / {len(data['test_images'])} test views of {data['H']}x{data['W']}, "
+          f"focal {data['focal']:.1f}, {sum(p.numel() for p in raw.parameters()):,} parameters, {device}")
+    os.makedirs(expdir, exist_ok=True)
+    if args.render_only:
+        return finish(model, data, args, expdir, ckpt["step"], ckpt["seconds"], device)
+
+    opt = torch.optim.Adam(raw.parameters(), lr=args.lrate, fused=True)  # fused: one kernel for all parameters
+    step, seconds, running = 0, 0.0, torch.zeros(3 if raw.fine is not None else 2)  # MSE sums per network, steps
+    if ckpt is not None:                                                # resume the same run
+        opt.load_state_dict(ckpt["optimizer"])
+        step, seconds, running = ckpt["step"], ckpt["seconds"], ckpt["running"].cpu()
+        torch.set_rng_state(ckpt["rng"].cpu())
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
+        print(f"resumed from {ckpt_path} at step {step}")
+    if args.freeze:
+        freeze(raw, args.freeze)
+    write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
+    metrics_path = os.path.join(expdir, "metrics.jsonl")
+    old = pathlib.Path(metrics_path).read_text().splitlines() if os.path.exists(metrics_path) and step else []
+    write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint():
+        atomic(os.path.join(expdir, "ckpt.pt"), lambda p: torch.save({
+            "script": "tiny_nerf", "model_args": raw.config, "model": raw.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "seconds": seconds, "running": running, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "args": vars(args)}, p))
+
+    budget, test, video, since = (args.max_minutes or math.inf) * 60, None, None, (seconds, step)
+    bar = tqdm(total=args.N_iters, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        while step < args.N_iters and seconds < budget:                # the budget counts training steps only
+            tic = time.time()
+            for group in opt.param_groups:
+                group["lr"] = args.lrate * 0.1 ** (step / (args.lrate_decay * 1000))  # tenfold per lrate_decay k steps
+            g = torch.Generator().manual_seed(args.seed * 1000003 + step)  # a step's draws depend on (seed, step) only
+            rays, target = sample_batch(data, step, args, g)
+            u = torch.rand(len(rays), args.N_samples + args.N_importance, generator=g) if args.perturb > 0 else None
+            mse = train_step(model, opt, rays.to(device), target.to(device), u if u is None else u.to(device)).cpu()
+            step, seconds = step + 1, seconds + time.time() - tic
+            running += torch.cat([mse, torch.ones(1)])
+            bar.update()
+            bar.set_postfix(psnr=f"{mse2psnr(mse[0]):.2f}", refresh=False)
+            if step % args.i_print == 0 or step == args.N_iters:
+                m, rays_per_s = running[:-1] / running[-1], (step - since[1]) * args.N_rand / max(seconds - since[0], 1e-9)
+                record = {"step": step, "loss": m.sum().item(), "psnr": mse2psnr(m[0]), "lr": opt.param_groups[0]["lr"],
+                          "rays_per_s": round(rays_per_s), "seconds": round(seconds, 2)}
+                log({**record, **({"psnr_coarse": mse2psnr(m[1])} if len(m) > 1 else {})})
+                tqdm.write(f"[{step}] loss {record['loss']:.5f} psnr {record['psnr']:.2f} lr {record['lr']:.2e}")
+                running, since = torch.zeros_like(running), (seconds, step)
+            if step % args.i_weights == 0:
+                save_checkpoint()
+            if step % args.i_testset == 0 and step < args.N_iters:
+                test = render_testset(model, data, args, expdir, step, device)
+                log({"step": step, "test_psnr": test["psnr"], "test_ssim": test["ssim"]})
+            if step % args.i_video == 0 and step < args.N_iters:
+                video = step, render_video(model, data, args, expdir, step, device)
+    except KeyboardInterrupt:
+        bar.close()
+        save_checkpoint()
+        raise SystemExit(f"interrupted at step {step}: saved {expdir}/ckpt.pt; run the same command to resume")
+    bar.close()
+    save_checkpoint()
+    final = finish(model, data, args, expdir, step, seconds, device, test, video)
+    if not (test and test["step"] == step):
+        log({"step": step, "test_psnr": final["psnr"], "test_ssim": final["ssim"]})
+    return final
+
+
+def finish(model, data, args, expdir, step, seconds, device, test=None, video=None):
+    """The end of a run: test views and video of this step unless just written, then the summary line."""
+    test = test if test and test["step"] == step else render_testset(model, data, args, expdir, step, device)
+    video = video[1] if video and video[0] == step else render_video(model, data, args, expdir, step, device)
+    print(f"wrote {os.path.join(expdir, f'testset_{step}')}/ and {video}")
+    print(f"test PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f} over {test['views']} views")
+    return {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training, where ckpt.pt is saved first: nothing to save
+        raise SystemExit("interrupted")
