@@ -45,8 +45,9 @@ def fail(what, where, fix):
 
 
 # ---------------------------------------------------------------- arguments
-PRESETS = {  # applied before the flags given on the command line, which win
-    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=1024, amp=True, video_factor=4),
+PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
+    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=1024, amp=True, video_factor=4,
+                use_batching=True, lrate=3e-3, lrate_decay=2),
 }
 
 
@@ -102,7 +103,7 @@ def get_parser():
     g.add_argument("--lrate_decay", type=positive(float), default=500, help="lrate falls tenfold every N thousand steps")
     g.add_argument("--precrop_iters", type=nint, default=500, help="first steps drawing rays from the image centre only")
     g.add_argument("--precrop_frac", type=float, default=0.5, help="size of that centre crop")
-    g.add_argument("--use_batching", action="store_true", help="draw a step's rays from all images, not one random image")
+    g.add_argument("--use_batching", action=flag, default=False, help="draw a step's rays from all images, not one")
     g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'coarse.*'")
     g = p.add_argument_group("evaluation and outputs")

@@ -3,6 +3,8 @@ evaluate it, and append one row to benchmarks/results.md. Not part of the tests.
 
     python benchmarks/run.py vae --minutes 2                  # tiny_vae.py, default (conv) model
     python benchmarks/run.py vae --minutes 5 -- --arch mlp    # flags after -- go to the script
+    python benchmarks/run.py wgan --minutes 5 -- --gp 10
+    python benchmarks/run.py nerf --minutes 5 -- --preset cpu # lego from ../shared/data
 
 Time nothing while another training runs on the same cores. Runs go to benchmarks/runs/
 (git-ignored); the row names the exact command, minus --basedir/--expname/--no_reload.
@@ -32,6 +34,8 @@ SECTIONS = {  # script -> (section title, table header)
     "wgan": ("tiny_wgan.py on mnist_small (8k train / 2k test real MNIST digits)",
              "| date | machine | torch | command | budget | FD (real floor) | coverage | generator steps/s "
              "| final W estimate |\n|---|---|---|---|---|---|---|---|---|"),
+    "nerf": ("tiny_nerf.py on lego (half resolution, 400x400; test views 0, 50, 100, 150)",
+             "| date | machine | torch | command | budget | test PSNR (dB) | SSIM | steps | s/step |\n|---|---|---|---|---|---|---|---|---|"),
 }
 
 
@@ -96,6 +100,18 @@ def bench_wgan(args, extra):
     return " ".join(shown), figures
 
 
+def bench_nerf(args, extra):
+    name = "nerf_" + "_".join([f"{args.minutes:g}min"] + [e.strip("-") for e in extra])
+    shown = ["python", "tiny_nerf.py", "--datadir", "../shared/data", "--testskip", "50",
+             "--max_minutes", f"{args.minutes:g}"] + extra
+    run([sys.executable] + shown[1:] + ["--basedir", RUNS, "--expname", name, "--no_reload"])
+    rows = [json.loads(line) for line in open(os.path.join(RUNS, name, "metrics.jsonl"))]
+    test = [r for r in rows if "test_psnr" in r][-1]
+    step, seconds = test["step"], max(r.get("seconds", 0) for r in rows)
+    figures = [f"{test['test_psnr']:.2f}", f"{test['test_ssim']:.3f}", str(step), f"{seconds / step:.2f}"]
+    return " ".join(shown), figures
+
+
 def append_row(script, command, figures, minutes):
     title, header = SECTIONS[script]
     row = "| " + " | ".join([datetime.date.today().isoformat(), machine(), torch.__version__, f"`{command}`",
@@ -122,13 +138,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("script", choices=sorted(SECTIONS))
     p.add_argument("--minutes", type=float, required=True, help="training budget (--max_minutes)")
-    p.add_argument("--datadir", default="../shared/data/mnist_small")
+    p.add_argument("--datadir", default="../shared/data/mnist_small", help="MNIST data root (vae, wgan)")
     p.add_argument("--iw_samples", type=int, default=1000)
     p.add_argument("--dry", action="store_true", help="print the row, do not append it to results.md")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)            # flags after -- go to the script
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    command, figures = {"vae": bench_vae, "wgan": bench_wgan}[args.script](args, extra)
+    command, figures = {"vae": bench_vae, "wgan": bench_wgan, "nerf": bench_nerf}[args.script](args, extra)
     if args.dry:
         print(" | ".join([command] + figures))
     else:

@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 
 def one_line_error(main, argv):
@@ -34,3 +35,27 @@ def fake_mnist(folder, n_train=40, n_test=20, size=28, low=0):
         write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n, np.uint8))
     return {name: hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()
             for name in sorted(os.listdir(folder)) if name.endswith("-ubyte.gz")}
+
+
+def rejects_foreign_checkpoints(error_of, argv, folder, script):
+    """A checkpoint of another program and a file that is no checkpoint at all, passed by --ckpt,
+    must each stop the run with a one-line error naming the problem."""
+    foreign, junk = os.path.join(folder, "foreign.pt"), os.path.join(folder, "junk.pt")
+    torch.save({"state_dict": {}}, foreign)
+    with open(junk, "wb") as f:
+        f.write(b"junk")
+    assert f"not a {script} checkpoint" in error_of(argv + ["--ckpt", foreign])
+    assert "not a readable checkpoint" in error_of(argv + ["--ckpt", junk])
+
+
+def interrupt_on_call(monkeypatch, module, name, n):
+    """Make module.name raise KeyboardInterrupt (Ctrl-C) on its n-th call; -> a function that undoes it."""
+    calls, real = [0], getattr(module, name)
+
+    def interrupted(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, interrupted)
+    return lambda: monkeypatch.setattr(module, name, real)

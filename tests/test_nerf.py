@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_nerf  # noqa: E402
+from helpers import interrupt_on_call, one_line_error, rejects_foreign_checkpoints  # noqa: E402
 
 SMALL = ["--netdepth", "2", "--netwidth", "32", "--netdepth_fine", "2", "--netwidth_fine", "32", "--multires", "4",
          "--multires_views", "2", "--N_samples", "16", "--N_importance", "16", "--N_rand", "256", "--precrop_iters", "0",
@@ -22,12 +23,7 @@ SMALL = ["--netdepth", "2", "--netwidth", "32", "--netdepth_fine", "2", "--netwi
 
 
 def error_of(argv):
-    """Run the CLI, expect a one-line user error; return its text."""
-    with pytest.raises(SystemExit) as e:
-        tiny_nerf.main(argv)
-    text = str(e.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
+    return one_line_error(tiny_nerf.main, argv)
 
 
 def raw_from(sigma, rgb_logit=0.0):
@@ -219,17 +215,10 @@ def test_resume_continues_the_same_run(datadir, tmp_path, monkeypatch):
     assert resumed["step"] == straight["step"] == 20 and resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
     assert run_rows(tmp_path / "a") == pytest.approx(run_rows(tmp_path / "b"), abs=1e-5)
 
-    calls, real_step = [0], tiny_nerf.train_step                       # Ctrl-C in the middle of a log interval
-
-    def interrupted(*a):
-        calls[0] += 1
-        if calls[0] == 8:
-            raise KeyboardInterrupt
-        return real_step(*a)
-    monkeypatch.setattr(tiny_nerf, "train_step", interrupted)
+    undo = interrupt_on_call(monkeypatch, tiny_nerf, "train_step", 8)  # Ctrl-C in the middle of a log interval
     with pytest.raises(SystemExit, match="interrupted at step 7"):
         tiny_nerf.main(common + ["--expname", "c", "--N_iters", "20"])
-    monkeypatch.setattr(tiny_nerf, "train_step", real_step)
+    undo()
     resumed = tiny_nerf.main(common + ["--expname", "c", "--N_iters", "20"])
     assert resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
     assert run_rows(tmp_path / "c") == pytest.approx(run_rows(tmp_path / "a"), abs=1e-5)
@@ -276,3 +265,16 @@ def test_inconsistent_image_sizes(broken):
 ])
 def test_bad_flags_are_one_line_errors(broken, flags, words):
     assert words in error_of(broken[1] + flags)
+
+
+def test_bad_checkpoints_and_nan_leave_existing_files_intact(broken, monkeypatch):
+    scene, argv = broken
+    tiny_nerf.main(argv + ["--expname", "run"])
+    ckpt = scene.parent.parent / "run" / "ckpt.pt"
+    saved = ckpt.read_bytes()
+    assert "netwidth" in error_of(argv + ["--expname", "run", "--netwidth", "16"])
+    rejects_foreign_checkpoints(error_of, argv + ["--expname", "run"], str(scene.parent.parent), "tiny_nerf")
+    real = tiny_nerf.raw2outputs
+    monkeypatch.setattr(tiny_nerf, "raw2outputs", lambda raw, *a, **k: [x * math.nan for x in real(raw, *a, **k)])
+    assert "nan" in error_of(argv + ["--expname", "run", "--N_iters", "4"])
+    assert ckpt.read_bytes() == saved

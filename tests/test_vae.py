@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_vae  # noqa: E402
-from helpers import fake_mnist, one_line_error, write_idx  # noqa: E402
+from helpers import fake_mnist, interrupt_on_call, one_line_error, rejects_foreign_checkpoints, write_idx  # noqa: E402,E501
 
 
 def small_vae(arch="conv", latent_dim=4, likelihood="bernoulli"):
@@ -275,17 +275,10 @@ def test_resume_continues_the_same_run(tmp_path, monkeypatch):
     assert resumed["test_nelbo"] == pytest.approx(straight["test_nelbo"], abs=1e-4)
     assert run_lines(tmp_path / "a") == pytest.approx(run_lines(tmp_path / "b"), abs=1e-4)
 
-    calls, real_step = [0], tiny_vae.train_step                     # Ctrl-C in the middle of epoch 2
-
-    def interrupted(*a):
-        calls[0] += 1
-        if calls[0] == 80:
-            raise KeyboardInterrupt
-        return real_step(*a)
-    monkeypatch.setattr(tiny_vae, "train_step", interrupted)
+    undo = interrupt_on_call(monkeypatch, tiny_vae, "train_step", 80)  # Ctrl-C in the middle of epoch 2
     with pytest.raises(SystemExit, match="interrupted at step 79"):
         tiny_vae.main(common + ["--expname", "c", "--epochs", "3"])
-    monkeypatch.setattr(tiny_vae, "train_step", real_step)
+    undo()
     resumed = tiny_vae.main(common + ["--expname", "c", "--epochs", "3"])
     assert resumed["test_nelbo"] == pytest.approx(straight["test_nelbo"], abs=1e-4)
     rows_a, rows_c = run_lines(tmp_path / "a"), run_lines(tmp_path / "c")
@@ -332,11 +325,7 @@ def test_bad_checkpoints_leave_existing_files_intact(tmp_path):
     ckpt = tmp_path / "run" / "ckpt.pt"
     saved = ckpt.read_bytes()
     assert "latent_dim" in error_of(common + ["--expname", "run", "--latent_dim", "7"])
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    assert "not a tiny_vae checkpoint" in error_of(common + ["--expname", "run", "--ckpt", str(foreign)])
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "not a readable checkpoint" in error_of(common + ["--expname", "run", "--ckpt", str(tmp_path / "junk.pt")])
+    rejects_foreign_checkpoints(error_of, common + ["--expname", "run"], str(tmp_path), "tiny_vae")
     assert "no such checkpoint" in error_of(common + ["--expname", "none", "--sample_only", "4"])
     assert ckpt.read_bytes() == saved
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_wgan  # noqa: E402
-from helpers import fake_mnist, one_line_error  # noqa: E402
+from helpers import fake_mnist, one_line_error, rejects_foreign_checkpoints  # noqa: E402
 
 
 def small_wgan(norm="layer", size=16, channels=1):
@@ -344,11 +344,7 @@ def test_bad_checkpoints_leave_existing_files_intact(tmp_path):
     assert "critic_norm" in error_of(common + ["--expname", "run", "--gp", "10", "--critic_norm", "none"])
     tiny_wgan.main(common + ["--expname", "plain", "--critic_norm", "none"])
     assert "trained with clipping" in error_of(common + ["--expname", "plain", "--gp", "10", "--critic_norm", "none"])
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    assert "not a tiny_wgan checkpoint" in error_of(common + ["--expname", "run", "--ckpt", str(foreign)])
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "not a readable checkpoint" in error_of(common + ["--expname", "run", "--ckpt", str(tmp_path / "junk.pt")])
+    rejects_foreign_checkpoints(error_of, common + ["--expname", "run"], str(tmp_path), "tiny_wgan")
     assert "no such checkpoint" in error_of(common + ["--expname", "none", "--sample_only", "4"])
     assert ckpt.read_bytes() == saved
 
