@@ -59,3 +59,17 @@ def interrupt_on_call(monkeypatch, module, name, n):
         return real(*a, **k)
     monkeypatch.setattr(module, name, interrupted)
     return lambda: monkeypatch.setattr(module, name, real)
+
+
+def rejects_bad_idx_and_empty_folder(error_of, root):
+    """A truncated MNIST test-image file under root/mnist and an empty image folder: one-line errors
+    naming the file and the problem."""
+    fake_mnist(os.path.join(root, "mnist"))
+    path = os.path.join(root, "mnist", "t10k-images-idx3-ubyte.gz")
+    with open(path, "rb") as f:
+        head = f.read(100)
+    with open(path, "wb") as f:
+        f.write(head)
+    assert path in error_of(["--datadir", root, "--basedir", root])
+    os.makedirs(os.path.join(root, "empty"))
+    assert "images" in error_of(["--dataset", "folder", "--datadir", os.path.join(root, "empty"), "--basedir", root])

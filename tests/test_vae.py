@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_vae  # noqa: E402
-from helpers import fake_mnist, interrupt_on_call, one_line_error, rejects_foreign_checkpoints, write_idx  # noqa: E402,E501
+from helpers import (fake_mnist, interrupt_on_call, one_line_error, rejects_bad_idx_and_empty_folder,  # noqa: E402
+                     rejects_foreign_checkpoints, write_idx)
 
 
 def small_vae(arch="conv", latent_dim=4, likelihood="bernoulli"):
@@ -311,12 +312,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, words):
 
 
 def test_bad_data_is_one_line_error(tmp_path):
-    fake_mnist(str(tmp_path / "mnist"))
-    path = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
-    path.write_bytes(path.read_bytes()[:100])
-    assert str(path) in error_of(["--datadir", str(tmp_path), "--basedir", str(tmp_path)])
-    os.makedirs(tmp_path / "empty")
-    assert "images" in error_of(["--dataset", "folder", "--datadir", str(tmp_path / "empty"), "--basedir", str(tmp_path)])
+    rejects_bad_idx_and_empty_folder(error_of, str(tmp_path))
 
 
 def test_bad_checkpoints_leave_existing_files_intact(tmp_path):

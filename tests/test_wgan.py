@@ -17,7 +17,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_wgan  # noqa: E402
-from helpers import fake_mnist, one_line_error, rejects_foreign_checkpoints  # noqa: E402
+from helpers import (fake_mnist, one_line_error, rejects_bad_idx_and_empty_folder,  # noqa: E402
+                     rejects_foreign_checkpoints)
 
 
 def small_wgan(norm="layer", size=16, channels=1):
@@ -61,7 +62,7 @@ def test_gradient_penalty_of_a_linear_critic_is_exact():
     assert critic[1].weight.grad.norm() > 0
 
 
-def test_penalty_uses_one_alpha_per_sample_and_the_norm_over_all_pixels():
+def test_penalty_uses_one_alpha_per_sample_and_the_norm_over_all_pixels(monkeypatch):
     # f(x) = |x|^2 / 2 has grad x, so with real = 1 and fake = 0 the norm at x^ is alpha_b sqrt(C H W):
     # one alpha per pixel or a norm over one dimension only would give something else.
     critic = lambda x: 0.5 * x.pow(2).flatten(1).sum(1)  # noqa: E731
@@ -76,11 +77,8 @@ def test_penalty_uses_one_alpha_per_sample_and_the_norm_over_all_pixels():
     def spy(critic, real, fake, alpha, lam):
         seen.append(alpha.shape)
         return real_gp(critic, real, fake, alpha, lam)
-    tiny_wgan.gradient_penalty = spy
-    try:
-        tiny_wgan.critic_step(model, torch.optim.Adam(model.critic.parameters()), torch.rand(6, 1, 16, 16), lam=10.0)
-    finally:
-        tiny_wgan.gradient_penalty = real_gp
+    monkeypatch.setattr(tiny_wgan, "gradient_penalty", spy)
+    tiny_wgan.critic_step(model, torch.optim.Adam(model.critic.parameters()), torch.rand(6, 1, 16, 16), lam=10.0)
     assert seen == [(6, 1, 1, 1)]
 
 
@@ -323,12 +321,7 @@ def test_bad_flags_are_one_line_errors(tmp_path, flags, words):
 
 
 def test_bad_data_is_one_line_error(tmp_path):
-    fake_mnist(str(tmp_path / "mnist"))
-    path = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
-    path.write_bytes(path.read_bytes()[:100])
-    assert str(path) in error_of(["--datadir", str(tmp_path), "--basedir", str(tmp_path)])
-    os.makedirs(tmp_path / "empty")
-    assert "images" in error_of(["--dataset", "folder", "--datadir", str(tmp_path / "empty"), "--basedir", str(tmp_path)])
+    rejects_bad_idx_and_empty_folder(error_of, str(tmp_path))
     (tmp_path / "broken").mkdir()
     for i in range(3):
         (tmp_path / "broken" / f"{i}.png").write_bytes(b"not a png")
