@@ -5,6 +5,7 @@ evaluate it, and append one row to benchmarks/results.md. Not part of the tests.
     python benchmarks/run.py vae --minutes 5 -- --arch mlp    # flags after -- go to the script
     python benchmarks/run.py wgan --minutes 5 -- --gp 10
     python benchmarks/run.py nerf --minutes 5 -- --preset cpu # lego from ../shared/data
+    python benchmarks/run.py tensorf --minutes 5 -- --preset cpu
 
 Time nothing while another training runs on the same cores. Runs go to benchmarks/runs/
 (git-ignored); the row names the exact command, minus --basedir/--expname/--no_reload.
@@ -36,6 +37,8 @@ SECTIONS = {  # script -> (section title, table header)
              "| final W estimate |\n|---|---|---|---|---|---|---|---|---|"),
     "nerf": ("tiny_nerf.py on lego (half resolution, 400x400; test views 0, 50, 100, 150)",
              "| date | machine | torch | command | budget | test PSNR (dB) | SSIM | steps | s/step |\n|---|---|---|---|---|---|---|---|---|"),
+    "tensorf": ("tiny_tensorf.py on lego (half resolution, 400x400; test views 0, 50, 100, 150)",
+                "| date | machine | torch | command | budget | test PSNR (dB) | SSIM | steps | s/step |\n|---|---|---|---|---|---|---|---|---|"),
 }
 
 
@@ -100,9 +103,10 @@ def bench_wgan(args, extra):
     return " ".join(shown), figures
 
 
-def bench_nerf(args, extra):
-    name = "nerf_" + "_".join([f"{args.minutes:g}min"] + [e.strip("-") for e in extra])
-    shown = ["python", "tiny_nerf.py", "--datadir", "../shared/data", "--testskip", "50",
+def bench_nerf(args, extra, script="nerf"):
+    """tiny_nerf.py or tiny_tensorf.py on lego: the same protocol and figures."""
+    name = f"{script}_" + "_".join([f"{args.minutes:g}min"] + [e.strip("-") for e in extra])
+    shown = ["python", f"tiny_{script}.py", "--datadir", "../shared/data", "--testskip", "50",
              "--max_minutes", f"{args.minutes:g}"] + extra
     run([sys.executable] + shown[1:] + ["--basedir", RUNS, "--expname", name, "--no_reload"])
     rows = [json.loads(line) for line in open(os.path.join(RUNS, name, "metrics.jsonl"))]
@@ -144,7 +148,8 @@ def main():
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)            # flags after -- go to the script
     args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
-    command, figures = {"vae": bench_vae, "wgan": bench_wgan, "nerf": bench_nerf}[args.script](args, extra)
+    bench = {"vae": bench_vae, "wgan": bench_wgan, "nerf": bench_nerf, "tensorf": lambda a, e: bench_nerf(a, e, "tensorf")}
+    command, figures = bench[args.script](args, extra)
     if args.dry:
         print(" | ".join([command] + figures))
     else:

@@ -1,0 +1,877 @@
+"""tiny_tensorf.py: TensoRF radiance fields (vector-matrix decomposition) in one file.
+
+Chen, Xu, Geiger, Yu, Su, "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the
+defaults of the reference code for the Blender scenes. The scene box holds two 4-D feature grids, each
+factorised into three plane/line pairs (VM decomposition, eq. 4):
+    G(x, y, z) = sum_r  v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z).
+Density is sigma = softplus(G_sigma + shift) (components summed); the appearance components are
+concatenated and mapped by a basis matrix B to a feature, which a small MLP turns into a colour with the
+view direction. Rays are marched at half-voxel steps through the box, skipping voxels an alpha mask marks
+empty, and composited like NeRF: C = sum_i T_i (1 - exp(-sigma_i delta_i)) c_i. The grids start coarse
+and are upsampled during training; the box shrinks to the occupied region.
+
+Usage:
+    python tiny_tensorf.py --scene lego                        # downloads nerf_synthetic into data/ if missing
+    python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50
+    python tiny_tensorf.py --scene procedural                  # a generated scene: no network needed
+    python tiny_tensorf.py --render_only                       # test views and video from logs/tensorf_lego/ckpt.pt
+Outputs go to logs/<expname>/ (args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4).
+"""
+import argparse
+import fnmatch
+import http.client
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import threading
+import time
+import urllib.request
+import zipfile
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code), along unit directions
+
+
+def fail(what, where, fix):
+    """A user error: one line on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {what} ({where}): {fix}")
+
+
+
+# ---------------------------------------------------------------- arguments
+PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
+    "cpu": dict(N_voxel_init=32 ** 3, N_voxel_final=200 ** 3, upsamp_list=[100, 200, 300, 400, 500],
+                update_AlphaMask_list=[50, 150, 300, 500], batch_size=2048, video_factor=4),
+}
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        fail(message, "command line", "see python tiny_tensorf.py --help")
+
+
+def positive(kind, zero=False):
+    def check(text):
+        value = kind(text)
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
+        return value
+    return check
+
+
+
+def get_parser():
+    p = Parser(description="TensoRF in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pint, nint, nfloat = positive(int), positive(int, zero=True), positive(float, zero=True)
+    flag = argparse.BooleanOptionalAction                               # --flag / --no-flag
+    g = p.add_argument_group("data")
+    g.add_argument("--scene", default="lego", help="<datadir>/nerf_synthetic/<scene>, or procedural: generated here")
+    g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
+    g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
+    g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
+    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings onto white, else black")
+    g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
+    g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
+    g = p.add_argument_group("model (names of the reference TensoRF code)")
+    g.add_argument("--N_voxel_init", type=pint, default=128 ** 3, help="voxels of the first grid")
+    g.add_argument("--N_voxel_final", type=pint, default=300 ** 3, help="voxels after the last upsampling")
+    g.add_argument("--upsamp_list", type=pint, nargs="*", default=[2000, 3000, 4000, 5500, 7000],
+                   help="steps that upsample the grids (voxel counts spaced logarithmically)")
+    g.add_argument("--update_AlphaMask_list", type=pint, nargs="*", default=[2000, 4000],
+                   help="steps that recompute the alpha mask and shrink the box to it")
+    g.add_argument("--n_lamb_sigma", type=pint, default=16, help="density components per plane/line pair")
+    g.add_argument("--n_lamb_sh", type=pint, default=48, help="appearance components per plane/line pair")
+    g.add_argument("--data_dim_color", type=pint, default=27, help="appearance feature width (basis matrix output)")
+    g.add_argument("--featureC", type=pint, default=128, help="hidden units of the colour MLP")
+    g.add_argument("--fea_pe", type=nint, default=2, help="frequencies encoding the appearance feature")
+    g.add_argument("--view_pe", type=nint, default=2, help="frequencies encoding the view direction")
+    g.add_argument("--density_shift", type=float, default=-10.0, help="sigma = softplus(feature + shift)")
+    g.add_argument("--distance_scale", type=positive(float), default=25.0, help="alpha = 1 - exp(-sigma delta scale)")
+    g = p.add_argument_group("rendering")
+    g.add_argument("--step_ratio", type=positive(float), default=0.5, help="ray-marching step in voxels")
+    g.add_argument("--alpha_mask_thre", type=nfloat, default=1e-4, help="alpha below which a voxel counts as empty")
+    g.add_argument("--rm_weight_mask_thre", type=nfloat, default=1e-4, help="weight below which no colour is computed")
+    g.add_argument("--chunk", type=pint, default=4096, help="rays rendered at once")
+    g = p.add_argument_group("training")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"new defaults, under the given flags: {PRESETS}")
+    g.add_argument("--N_iters", type=pint, default=30000, help="training steps")
+    g.add_argument("--batch_size", type=pint, default=4096, help="rays per step (split over --gpus)")
+    g.add_argument("--lr_init", type=positive(float), default=0.02, help="Adam learning rate of the grids")
+    g.add_argument("--lr_basis", type=positive(float), default=1e-3, help="Adam learning rate of the basis matrix and MLP")
+    g.add_argument("--lr_decay_target_ratio", type=positive(float), default=0.1, help="learning rates fall to this "
+                   "fraction by the end of training (N_iters, or --max_minutes if that comes first)")
+    g.add_argument("--lr_upsample_reset", action=flag, default=True, help="restart the decay at each upsampling")
+    g.add_argument("--L1_weight_inital", type=nfloat, default=8e-5, help="L1 on density before the box shrinks")
+    g.add_argument("--L1_weight_rest", type=nfloat, default=4e-5, help="L1 on density after")
+    g.add_argument("--TV_weight_density", type=nfloat, default=0.0, help="total variation of the density planes")
+    g.add_argument("--TV_weight_app", type=nfloat, default=0.0, help="total variation of the appearance planes")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'render.*'")
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
+    g.add_argument("--i_weights", type=pint, default=10000, help="steps between checkpoints")
+    g.add_argument("--i_testset", type=pint, default=50000, help="steps between test-set renderings")
+    g.add_argument("--i_video", type=pint, default=50000, help="steps between turntable videos")
+    g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor (0: none)")
+    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this factor (0: --render_factor)")
+    g.add_argument("--render_only", action="store_true", help="render test views and video from the checkpoint and exit")
+    g = p.add_argument_group("run")
+    g.add_argument("--basedir", default="logs", help="where experiment folders go")
+    g.add_argument("--expname", default=None, help="experiment folder name (default: tensorf_<scene>[_<preset>])")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: all visible)")
+    g.add_argument("--no_reload", action="store_true", help="start fresh instead of resuming from ckpt.pt")
+    g.add_argument("--ckpt", default=None, help="checkpoint to load instead of logs/<expname>/ckpt.pt")
+    return p
+
+
+def parse_args(argv=None):
+    p = get_parser()
+    preset = p.parse_args(argv).preset
+    if preset:  # the preset changes the defaults, so the flags given explicitly still win
+        p.set_defaults(**PRESETS[preset])
+    args = p.parse_args(argv)
+    for name in ("upsamp_list", "update_AlphaMask_list"):
+        steps = getattr(args, name)
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            fail(f"steps must increase, got {steps}", f"--{name}", "e.g. --upsamp_list 2000 3000 4000")
+    if args.N_voxel_final < args.N_voxel_init:
+        fail(f"{args.N_voxel_final} < --N_voxel_init {args.N_voxel_init}", "--N_voxel_final", "grids only grow")
+    if args.scene != os.path.basename(args.scene) or args.scene in ("", ".", ".."):
+        fail(f"not a scene name: {args.scene!r}", "--scene", "name a folder of <datadir>/nerf_synthetic")
+    args.expname = args.expname or f"tensorf_{args.scene}" + (f"_{preset}" if preset else "")
+    return args
+
+
+# ---------------------------------------------------------------- data
+SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
+SYNTHETIC_PAGE = "https://drive.google.com/drive/folders/128yBriW1IG_3NJ5Rp7APSTZsJqdJdfc1"  # linked from the NeRF site
+SYNTHETIC_URL = "https://drive.usercontent.google.com/download?id=18JxhpWD-4ZmuFKLzKlAw-w5PpzZxXOcG&export=download&confirm=t"
+
+
+def fetch_synthetic(datadir, url):
+    """Download nerf_synthetic.zip (no checksum is published) with a progress bar, then unpack its scenes into
+    datadir/nerf_synthetic/: each by one rename once complete, no archive member may escape the folder."""
+    target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
+    os.makedirs(datadir, exist_ok=True)
+    try:
+        if not os.path.exists(zip_path):
+            with urllib.request.urlopen(url, timeout=30) as r, open(zip_path + ".part", "wb") as f:
+                size = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc="nerf_synthetic.zip") as bar:
+                    while chunk := r.read(1 << 20):
+                        bar.update(f.write(chunk))
+            os.replace(zip_path + ".part", zip_path)            # complete: only now under its name
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        fail(f"cannot download {url} ({e})", target,
+             f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and unzip it into {datadir}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for member in tqdm(z.infolist(), desc="unzip", leave=False):
+                if not os.path.realpath(os.path.join(tmp, member.filename)).startswith(os.path.realpath(tmp) + os.sep):
+                    fail(f"member {member.filename!r} would escape the target folder", zip_path, "delete the file")
+                if member.filename.startswith("nerf_synthetic/"):
+                    z.extract(member, tmp)
+    except zipfile.BadZipFile:
+        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
+    if not os.path.isdir(os.path.join(tmp, "nerf_synthetic")):
+        fail("no nerf_synthetic/ folder in the archive", zip_path, f"delete it and get the file from {SYNTHETIC_PAGE}")
+    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
+        if not os.path.exists(os.path.join(target, scene)):
+            os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
+    shutil.rmtree(tmp)
+    os.remove(zip_path)
+
+
+def composite(rgba, white):
+    """RGBA (..., 4) straight alpha -> RGB (..., 3) over a white or black background: C = a c + (1 - a) bg."""
+    return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
+
+
+def to_uint8(image):
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def area_resize(image, h, w):
+    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
+    return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
+
+
+def read_rgba(path, half_res):
+    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+    if not os.path.exists(path):
+        fail("missing image", path, "download the scene again or fix file_path in its transforms file")
+    try:
+        a = np.asarray(iio.imread(path))
+    except Exception as e:  # imageio raises many types for a broken file
+        fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
+        fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
+    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
+    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
+    return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
+
+
+def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
+    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x
+    and per frame a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the
+    camera looks down its -z axis, +y up). -> dict: images (N, H, W, 3) and poses (N, 4, 4), test_images,
+    test_poses, test_ids (indices in transforms_test.json), H, W, focal."""
+    data, shape = {}, None
+    for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
+        path = os.path.join(folder, f"transforms_{name}.json")
+        if not os.path.exists(path):
+            fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
+        try:
+            meta = json.loads(pathlib.Path(path).read_text())
+            frames = meta["frames"][::skip]
+            data[split + "poses"] = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)
+            data[split + "angle"], files = float(meta["camera_angle_x"]), [f["file_path"] for f in frames]
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"not a Blender transforms file ({type(e).__name__}: {e})", path, "replace the file")
+        if not frames or data[split + "poses"].shape[1:] != (4, 4):
+            fail("expected frames with a 4x4 transform_matrix", path, "replace the file")
+        images = []
+        for file in tqdm(files, desc=f"{name} images", leave=False):
+            file = os.path.normpath(os.path.join(folder, file + ("" if file.endswith(".png") else ".png")))
+            rgba = read_rgba(file, half_res)
+            if shape and rgba.shape != shape:
+                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+            shape = rgba.shape
+            images.append(composite(rgba, white_bkgd))
+        data[split + "images"] = torch.stack(images)
+    data["test_ids"], (data["H"], data["W"]) = list(range(0, len(data["test_images"]) * testskip, testskip)), shape[:2]
+    data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
+    return data
+
+
+def get_rays(H, W, focal, c2w, ys=None, xs=None):
+    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4).
+    -> origins, directions (H, W, 3) or (*S, 3), world frame. Pixel (y, x) looks along ((x + 0.5 - W/2) / f,
+    -(y + 0.5 - H/2) / f, -1) in the camera frame (the reference code omits the 0.5; Blender renders centres)."""
+    if ys is None:
+        ys, xs = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
+    dirs = torch.stack([(xs + 0.5 - 0.5 * W) / focal, -(ys + 0.5 - 0.5 * H) / focal, -torch.ones_like(xs)], -1).float()
+    rays_d = (c2w[..., :3, :3] @ dirs[..., None])[..., 0]            # d = R d_cam
+    return c2w[..., :3, 3].expand(rays_d.shape), rays_d              # o = camera centre
+
+
+def orbit_pose(azimuth, elevation, radius):
+    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
+    looking at the origin, world +z up (the synthetic scenes' convention)."""
+    a, e = math.radians(float(azimuth)), math.radians(float(elevation))
+    back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
+    right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
+    c2w = torch.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
+    return c2w
+
+
+SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
+           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
+BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
+FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
+
+
+def ray_cast(o, d):
+    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
+    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
+    hits = []                                                           # (t, normal, albedo, specular)
+    for centre, r, colour in SPHERES:
+        oc = o - torch.tensor(centre)
+        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
+        t = -b - disc.clamp(min=0).sqrt()
+        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
+    lo, hi, colour = (torch.tensor(v) for v in BOX)
+    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
+    t_in, axis = torch.minimum(t1, t2).max(-1)
+    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
+    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
+    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
+    p = o + t[..., None] * d
+    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
+    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
+                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
+    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
+    for t, n, a, s in hits:
+        near = t < best
+        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
+        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
+    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
+    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
+    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
+    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
+    return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
+
+
+def make_procedural(folder, size, views=(40, 4, 8)):
+    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
+    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
+    g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, n in zip(("train", "val", "test"), views):
+        os.makedirs(os.path.join(tmp, split))
+        azimuth, elevation = torch.rand(n, generator=g) * 360, 10 + 60 * torch.rand(n, generator=g)
+        if split == "test":
+            azimuth, elevation = torch.arange(n) * 360 / n + 15, torch.full((n,), 30.0)
+        frames = []
+        for i in range(n):
+            c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
+            o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
+            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
+            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
+            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    os.replace(tmp, folder)
+
+
+def load_scene(args):
+    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
+    name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
+    folder = os.path.join(args.datadir, "nerf_synthetic", name)
+    if not os.path.exists(folder) and args.scene == "procedural":
+        make_procedural(folder, args.proc_size)
+    elif not os.path.exists(folder):
+        if args.scene not in SYNTHETIC:
+            fail("no such scene folder", folder, f"use one of {', '.join(SYNTHETIC)} or procedural, or check --datadir")
+        fetch_synthetic(args.datadir, args.data_url or SYNTHETIC_URL)
+    return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
+
+
+
+def ray_box(o, d, aabb):
+    """Where rays o + t d (N, 3) enter and leave the box aabb (2, 3) (slab method), clamped to [NEAR, FAR].
+    -> t_near, t_far (N,); t_far <= t_near when a ray misses the box."""
+    d = torch.where(d.abs() < 1e-6, torch.full_like(d, 1e-6), d)        # parallel to a face: a huge t, not a NaN
+    ta, tb = (aabb[1] - o) / d, (aabb[0] - o) / d
+    return torch.minimum(ta, tb).amax(-1).clamp(NEAR, FAR), torch.maximum(ta, tb).amin(-1).clamp(NEAR, FAR)
+
+
+def rays_in_box(data, aabb):
+    """Indices into the training pixels (image, row, column flattened) of the rays that cross the box: the others
+    only ever see the background, so they are dropped once (and again when the box shrinks)."""
+    n, H, W = data["images"].shape[:3]
+    keep = []
+    for i in tqdm(range(n), desc="rays in box", leave=False):
+        o, d = get_rays(H, W, data["focal"], data["poses"][i])
+        near, far = ray_box(o.view(-1, 3), F.normalize(d.view(-1, 3), dim=-1), aabb.cpu())
+        keep.append(torch.nonzero(far > near)[:, 0] + i * H * W)
+    return torch.cat(keep)
+
+
+def sample_batch(data, pixels, n_rays, g):
+    """n_rays training rays drawn with generator g among the pixels of all images that rays_in_box kept, on the
+    CPU. -> rays (n, 6): origins and directions, colours (n, 3)."""
+    H, W = data["images"].shape[1:3]
+    k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
+    img, ys, xs = k // (H * W), k // W % H, k % W
+    o, d = get_rays(H, W, data["focal"], data["poses"][img], ys, xs)
+    return torch.cat([o, d], -1), data["images"][img, ys, xs]
+
+
+# ---------------------------------------------------------------- model
+MAT, VEC = ((0, 1), (0, 2), (1, 2)), (2, 1, 0)  # pair i: a plane over world axes MAT[i], a line along axis VEC[i]
+
+
+class Interp(torch.autograd.Function):
+    """sum_k w[:, k] table[idx[:, k]] -> (P, C): linear interpolation in a channels-last grid, by embedding_bag. The
+    backward is the sparse product W^T grad: on CPUs several times faster than the serial scatter of grid_sample's."""
+
+    @staticmethod
+    def forward(ctx, table, idx, w):
+        ctx.save_for_backward(idx, w)
+        ctx.rows = len(table)
+        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, w = ctx.saved_tensors
+        point = torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])
+        wt = torch.sparse_coo_tensor(torch.stack([idx.flatten(), point]), w.flatten(), (ctx.rows, len(idx)),
+                                     check_invariants=False)
+        return torch.sparse.mm(wt, grad), None, None
+
+
+def corners(t, n):
+    """Coordinates t (P,) in [-1, 1] over n vertices (corners aligned) -> lower vertex (P,), fraction (P,)."""
+    p = (t + 1) * (0.5 * (n - 1))
+    i = p.floor().clamp(0, n - 2)
+    return i.long(), p - i
+
+
+def vm_sample(planes, lines, x):
+    """The VM components at points x (P, 3) in [-1, 1]^3 (the box corners at -1 and 1): plane_r(u, v) line_r(w) for
+    every pair and component, by bilinear and linear interpolation. planes[i] (R_v, R_u, C), lines[i] (R_w, C),
+    channels last (the reference code's (1, C, R_v, R_u) and (1, C, R_w, 1), transposed). -> (P, 3 C)."""
+    out = []
+    for plane, line, (a, b), c in zip(planes, lines, MAT, VEC):
+        (iu, fu), (iv, fv), (iw, fw) = corners(x[:, a], plane.shape[1]), corners(x[:, b], plane.shape[0]), corners(x[:, c], len(line))
+        i, W = iv * plane.shape[1] + iu, plane.shape[1]
+        m = Interp.apply(plane.view(-1, plane.shape[2]), torch.stack([i, i + 1, i + W, i + W + 1], 1),
+                         torch.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], 1))
+        v = Interp.apply(line, torch.stack([iw, iw + 1], 1), torch.stack([1 - fw, fw], 1))
+        out.append(m * v)                                               # M_r(u, v) v_r(w)   (P, C)
+    return torch.cat(out, 1)
+
+
+def vm_dense(planes, lines, summed=True):
+    """The tensor the planes and lines factorise, at the grid vertices: the sum of all components (X, Y, Z), or
+    every component (3 C, X, Y, Z). Trilinear interpolation of it equals vm_sample (bilinear times linear)."""
+    spec = ("jic,kc", "kic,jc", "kjc,ic")                               # M^XY(x, y) v^Z(z), M^XZ v^Y, M^YZ v^X
+    out = [torch.einsum(f"{s}->{'' if summed else 'c'}ijk", p, l_) for s, p, l_ in zip(spec, planes, lines)]
+    return sum(out) if summed else torch.cat(out)
+
+
+def encode(x, L):
+    """(sin(2^k x), cos(2^k x)) for k < L in the reference code's order: x (P, C) -> (P, 2 C L)."""
+    xf = (x[..., None] * 2.0 ** torch.arange(L, device=x.device)).flatten(-2)
+    return torch.cat([xf.sin(), xf.cos()], -1)
+
+
+def tv(planes):
+    """Total variation: mean squared difference of neighbouring plane entries along both axes."""
+    return sum(((p[..., 1:, :] - p[..., :-1, :]) ** 2).mean() + ((p[..., 1:] - p[..., :-1]) ** 2).mean() for p in planes)
+
+
+class TensorVM(nn.Module):
+    """Density and appearance grids in VM form over the box `aabb`, the basis matrix and the colour MLP.
+    forward(rays, target, u) returns this replica's summed squared error, so DataParallel gathers one number per GPU;
+    forward(rays) returns rendered maps. config: the constructor's arguments, saved with the weights. The grids, the
+    box and the alpha mask change shape during training; they live in the state dict (see load_state)."""
+
+    def __init__(self, reso=(128, 128, 128), n_lamb_sigma=16, n_lamb_sh=48, data_dim_color=27, featureC=128, fea_pe=2,
+                 view_pe=2, density_shift=-10.0, distance_scale=25.0, bound=1.5):
+        super().__init__()
+        self.config = dict(n_lamb_sigma=n_lamb_sigma, n_lamb_sh=n_lamb_sh, data_dim_color=data_dim_color,
+                           featureC=featureC, fea_pe=fea_pe, view_pe=view_pe, density_shift=density_shift,
+                           distance_scale=distance_scale, bound=bound)
+        self.fea_pe, self.view_pe, self.density_shift, self.distance_scale = fea_pe, view_pe, density_shift, distance_scale
+        self.register_buffer("aabb", torch.tensor([[-bound] * 3, [bound] * 3]))
+        self.register_buffer("alpha_mask", torch.ones(0, 0, 0, dtype=torch.bool))  # empty: no mask yet
+        self.register_buffer("alpha_aabb", self.aabb.clone())
+
+        def grids(n):                                                   # the reference's init: N(0, 0.1^2)
+            return (nn.ParameterList([nn.Parameter(0.1 * torch.randn(reso[b], reso[a], n)) for a, b in MAT]),
+                    nn.ParameterList([nn.Parameter(0.1 * torch.randn(reso[c], n)) for c in VEC]))
+        self.density_planes, self.density_lines = grids(n_lamb_sigma)
+        self.app_planes, self.app_lines = grids(n_lamb_sh)
+        self.basis_mat = nn.Linear(3 * n_lamb_sh, data_dim_color, bias=False)  # B: 144 -> 27
+        width = data_dim_color * (1 + 2 * fea_pe) + 3 * (1 + 2 * view_pe)      # 150 in the reference configuration
+        self.mlp = nn.Sequential(nn.Linear(width, featureC), nn.ReLU(inplace=True), nn.Linear(featureC, featureC),
+                                 nn.ReLU(inplace=True), nn.Linear(featureC, 3))
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.step_ratio, self.alpha_mask_thre, self.rm_weight_mask_thre, self.white_bkgd = 0.5, 1e-4, 1e-4, True
+
+    def reso(self):                                                     # grid vertices along x, y, z
+        return [len(self.density_lines[VEC.index(axis)]) for axis in range(3)]
+
+    def units(self):                                                    # voxel size along x, y, z
+        return (self.aabb[1] - self.aabb[0]) / (torch.tensor(self.reso(), device=self.aabb.device) - 1)
+
+    def step_size(self):                                                # ray-marching step: step_ratio voxels
+        return self.units().mean().item() * self.step_ratio
+
+    def normalize(self, x):                                             # world -> [-1, 1]^3 over the box
+        return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0]) * 2 - 1
+
+    def density(self, x):                                               # x (P, 3) normalised -> sigma (P,)
+        return F.softplus(vm_sample(self.density_planes, self.density_lines, x).sum(1) + self.density_shift)
+
+    def color(self, x, viewdirs):
+        """x (P, 3) normalised, unit viewdirs (P, 3) -> rgb (P, 3): the MLP on [B a(x), d, PE(B a(x)), PE(d)]."""
+        feature = self.basis_mat(vm_sample(self.app_planes, self.app_lines, x))  # (P, 27)
+        h = torch.cat([feature, viewdirs, encode(feature, self.fea_pe), encode(viewdirs, self.view_pe)], -1)
+        return torch.sigmoid(self.mlp(h))
+
+    def occupied(self, x):
+        """Whether world points x (P, 3) fall in voxels the alpha mask keeps (its nearest vertex): a lookup."""
+        m = self.alpha_mask
+        if m.numel() == 0:
+            return torch.ones(len(x), dtype=torch.bool, device=x.device)
+        size = torch.tensor(m.shape, device=x.device)
+        i = ((x - self.alpha_aabb[0]) / (self.alpha_aabb[1] - self.alpha_aabb[0]) * (size - 1)).round().long()
+        inside = ((i >= 0) & (i < size)).all(-1)
+        i = torch.minimum(i.clamp(min=0), size - 1)
+        return inside & m[i[:, 0], i[:, 1], i[:, 2]]
+
+    def render_rays(self, rays, u=None):
+        """Ray marching (TensoRF sec. 4.1): samples every step_ratio voxels from where a ray enters the box, all of a
+        ray's shifted by one uniform u (N,) in training; densities only where the alpha mask says occupied, colours
+        only where a weight exceeds rm_weight_mask_thre. rays (N, 6). -> rgb (N, 3), depth (N,), opacity (N,)."""
+        o, d = rays[:, :3], F.normalize(rays[:, 3:6], dim=-1)
+        near, far = ray_box(o, d, self.aabb)
+        step = self.step_size()
+        S = max(1, int((far - near).max().item() / step) + 1)          # enough samples for the longest chord
+        z = near[:, None] + step * (torch.arange(S, device=rays.device) + (0.0 if u is None else u[:, None]))  # (N, S)
+        idx = torch.nonzero((z < far[:, None]).view(-1))[:, 0]          # samples inside the box, flat indices
+        x = (o[idx // S] + d[idx // S] * z.view(-1)[idx, None])         # (P, 3) world points
+        keep = self.occupied(x)
+        idx, x = idx[keep], self.normalize(x[keep])
+        sigma = torch.zeros(z.numel(), device=z.device).index_put((idx,), self.density(x)).view_as(z)
+        alpha = 1 - torch.exp(-sigma * step * self.distance_scale)     # a_i = 1 - exp(-sigma_i delta_i)
+        T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # T_i = prod_{j<i}(1 - a_j)
+        w = alpha * T[:, :-1]                                           # w_i = T_i a_i   (N, S)
+        bright = w.view(-1)[idx] > self.rm_weight_mask_thre
+        idx, x = idx[bright], x[bright]
+        rgb = torch.zeros(z.numel(), 3, device=z.device).index_put((idx,), self.color(x, d[idx // S])).view(*z.shape, 3)
+        acc = w.sum(1)                                                  # sum_i w_i <= 1
+        rgb_map = (w[..., None] * rgb).sum(1) + (1 - acc[:, None]) * float(self.white_bkgd)  # C = sum_i w_i c_i (+ bg)
+        return rgb_map, (w * z).sum(1), acc
+
+    def forward(self, rays, target=None, u=None):
+        """rays (N, 6), target (N, 3) or None, u (N,) or None. -> (1, 1) summed squared error, or without target
+        (N, 6): rgb, depth, disparity and opacity."""
+        rgb, depth, acc = self.render_rays(rays, u)
+        if target is not None:
+            return ((rgb - target) ** 2).sum()[None, None]
+        disp = 1 / torch.clamp(depth / acc.clamp(min=1e-10), min=1e-10)  # inverse of the expected depth of the hit
+        return torch.cat([rgb, depth[:, None], disp[:, None], acc[:, None]], -1)
+
+    def density_l1(self):                                               # the reference's sparsity term on density
+        return sum(g.abs().mean() for g in [*self.density_planes, *self.density_lines])
+
+    def remap(self, fn):
+        """Replace every plane and line by fn(grid, dims), grid in the reference layout (1, C, H, W): its dims 2 and
+        3 span world axes dims (3: a line's width of 1)."""
+        for planes, lines in ((self.density_planes, self.density_lines), (self.app_planes, self.app_lines)):
+            for i, ((a, b), c) in enumerate(zip(MAT, VEC)):
+                planes[i] = nn.Parameter(fn(planes[i].detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0).contiguous())
+                lines[i] = nn.Parameter(fn(lines[i].detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous())
+
+    @torch.no_grad()
+    def upsample(self, n_voxels):
+        """Resample the grids to about n_voxels vertices, cubic voxels over the box (bilinear / linear interpolation
+        with the corners aligned: the field is kept up to interpolation error). -> the new resolution."""
+        size = self.aabb[1] - self.aabb[0]
+        reso = (size / (size.prod() / n_voxels) ** (1 / 3)).round().long().clamp(min=2).tolist() + [1]
+        self.remap(lambda g, dims: F.interpolate(g, size=(reso[dims[0]], reso[dims[1]]), mode="bilinear", align_corners=True))
+        return reso[:3]
+
+    @torch.no_grad()
+    def update_alpha_mask(self):
+        """Alpha of every grid vertex at the marching step, from the dense density grid (an einsum, no sampling),
+        dilated by one voxel: voxels under alpha_mask_thre are skipped from now on. -> the share of voxels kept."""
+        sigma = F.softplus(vm_dense(self.density_planes, self.density_lines) + self.density_shift)
+        alpha = 1 - torch.exp(-sigma * self.step_size() * self.distance_scale)
+        self.alpha_mask = F.max_pool3d(alpha[None, None], 3, stride=1, padding=1)[0, 0] >= self.alpha_mask_thre
+        self.alpha_aabb = self.aabb.clone()
+        return self.alpha_mask.float().mean().item()
+
+    @torch.no_grad()
+    def shrink(self):
+        """Crop the box, the grids and the mask to the vertices the alpha mask keeps: the field inside is unchanged."""
+        kept = self.alpha_mask.nonzero()
+        if len(kept) == 0:
+            return
+        reso, units = torch.tensor(self.reso()), self.units()
+        hi = torch.maximum(kept.amax(0).cpu(), kept.amin(0).cpu() + 1).minimum(reso - 1)  # at least 2 vertices
+        lo = torch.minimum(kept.amin(0).cpu(), hi - 1)
+        span = [slice(a, b + 1) for a, b in zip(lo.tolist(), hi.tolist())] + [slice(None)]
+        self.remap(lambda g, dims: g[:, :, span[dims[0]], span[dims[1]]].clone())
+        self.alpha_mask = self.alpha_mask[span[0], span[1], span[2]].clone()
+        self.aabb = torch.stack([self.aabb[0] + lo.to(units) * units, self.aabb[0] + hi.to(units) * units])
+        self.alpha_aabb = self.aabb.clone()
+
+    def load_state(self, state):
+        """load_state_dict after giving the grids, box and mask the checkpoint's shapes."""
+        for name, value in state.items():
+            owner, _, leaf = name.rpartition(".")
+            old = getattr(self.get_submodule(owner), leaf, None)
+            if isinstance(old, torch.Tensor) and old.shape != value.shape:
+                new = torch.empty_like(value, device=old.device)
+                setattr(self.get_submodule(owner), leaf, nn.Parameter(new) if isinstance(old, nn.Parameter) else new)
+        self.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- training
+def mse2psnr(mse):
+    return -10 * math.log10(max(float(mse), 1e-10))                    # PSNR = -10 log10(MSE), colours in [0, 1]
+
+
+def make_optimizer(raw, args):
+    """Adam (the reference's betas) with two groups, the grids at lr_init and the basis matrix and MLP at lr_basis;
+    built anew whenever the grids change shape, as the reference code does after each upsampling."""
+    grids = [*raw.density_planes, *raw.density_lines, *raw.app_planes, *raw.app_lines]
+    nets = [*raw.basis_mat.parameters(), *raw.mlp.parameters()]
+    return torch.optim.Adam([{"params": grids, "lr": args.lr_init}, {"params": nets, "lr": args.lr_basis}],
+                            betas=(0.9, 0.99), fused=True)
+
+
+def train_step(model, raw, opt, rays, target, u, l1_weight, args):
+    """One Adam step on rays (N, 6), colours (N, 3), jitter u (N,): MSE, L1 on the density grids and the optional
+    total variation (reference lego: L1 only). -> the MSE (detached)."""
+    mse = model(rays, target, u).sum() / target.numel()                 # sum over replicas / global count
+    loss = mse + l1_weight * raw.density_l1()
+    if args.TV_weight_density > 0 or args.TV_weight_app > 0:
+        loss = loss + args.TV_weight_density * tv(raw.density_planes) + args.TV_weight_app * tv(raw.app_planes)
+    if not torch.isfinite(loss):
+        fail(f"the loss became {loss.item()}", "--lr_init", "lower the learning rates; ckpt.pt still holds the last good state")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return mse.detach()
+
+
+def freeze(model, patterns, quiet=False):
+    """Stop gradients to the parameters whose qualified names match any fnmatch pattern (again after the grids
+    change shape: new parameters)."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            fail(f"pattern {pattern!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not quiet:
+        print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
+    if n_train == 0:
+        fail("every parameter is frozen", "--freeze", "match fewer parameters")
+
+
+def pick_devices(args):
+    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
+    if device.type != "cuda":
+        return device, []
+    n = torch.cuda.device_count()
+    if n == 0:
+        fail("CUDA is not available", "--device", "use --device cpu")
+    first = device.index or 0
+    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
+    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
+        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
+    gpus = [int(i) for i in gpus]
+    return torch.device("cuda", gpus[0]), gpus
+
+
+def atomic(path, write):
+    """write(tmp) then rename: a crash or Ctrl-C never leaves a half-written file at path."""
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+def write_text(path, text):
+    atomic(path, lambda p: pathlib.Path(p).write_text(text))
+
+
+def load_checkpoint(path, device):
+    """A tiny_tensorf checkpoint as a dict, or a one-line error."""
+    if not os.path.exists(path):
+        fail("no such checkpoint", path, "train first, or pass --ckpt PATH")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many types for a foreign or damaged file
+        fail(f"not a readable checkpoint ({type(e).__name__})", path, "pass a ckpt.pt written by tiny_tensorf.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_tensorf":
+        fail("not a tiny_tensorf checkpoint", path, "pass a ckpt.pt written by tiny_tensorf.py")
+    return ckpt
+
+# ---------------------------------------------------------------- evaluation & outputs
+def ssim(a, b):
+    """SSIM (Wang et al. 2004) of images (H, W, 3) in [0, 1]: means, variances and covariance under an 11x11
+    Gaussian window of sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, averaged over the valid pixels and the channels."""
+    k = min(11, *a.shape[:2])                                           # smaller for images under 11 pixels
+    g = torch.exp(-(torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None]).div(g.sum() ** 2).expand(3, 1, k, k)
+    x, y = (im.permute(2, 0, 1)[None].double() for im in (a, b))
+    mx, my, xx, yy, xy = (F.conv2d(v, window, groups=3) for v in (x, y, x * x, y * y, x * y))
+    sxx, syy, sxy = xx - mx ** 2, yy - my ** 2, xy - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean().item()
+
+
+@torch.no_grad()
+def render_image(model, H, W, focal, c2w, chunk, device):
+    """One view, chunk rays at a time (split over the GPUs by DataParallel).
+    -> (H, W, 6) on the CPU: rgb, depth, disparity, accumulated opacity."""
+    o, d = get_rays(H, W, focal, c2w)
+    rays = torch.cat([o, d], -1).view(-1, 6)
+    return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
+
+
+def render_testset(model, data, args, expdir, step, device):
+    """Every test view to testset_<step>/r_<i>.png (i: its index in transforms_test.json), scored against the
+    ground truth (composited alike; area-downsampled with --render_factor): mean and per-view PSNR, SSIM."""
+    f = args.render_factor or 1
+    H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
+    folder = os.path.join(expdir, f"testset_{step}")
+    os.makedirs(folder, exist_ok=True)
+    views = {}
+    bar = tqdm(list(zip(data["test_ids"], data["test_images"], data["test_poses"])), desc="test views", leave=False)
+    for i, gt, c2w in bar:
+        rgb = render_image(model, H, W, focal, c2w, args.chunk, device)[..., :3].clamp(0, 1)
+        gt = area_resize(gt, H, W) if f > 1 else gt
+        views[str(i)] = {"psnr": mse2psnr(((rgb - gt) ** 2).mean()), "ssim": ssim(rgb, gt)}
+        atomic(os.path.join(folder, f"r_{i}.png"), lambda p: iio.imwrite(p, to_uint8(rgb)))
+        bar.set_postfix(psnr=f"{views[str(i)]['psnr']:.2f}")
+    mean = {key: float(np.mean([v[key] for v in views.values()])) for key in ("psnr", "ssim")}
+    result = {"step": step, **mean, "views": len(views), "size": [H, W], "per_view": views}
+    write_text(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1))
+    return result
+
+
+def render_video(model, data, args, expdir, step, device, frames=40):
+    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, written as
+    video_<step>.mp4 when imageio has a video writer (PyAV or imageio-ffmpeg), else video_<step>.gif."""
+    f = args.video_factor or args.render_factor or 1
+    H, W, focal = data["H"] // f // 2 * 2, data["W"] // f // 2 * 2, data["focal"] / f  # even sizes for H.264
+    radius = data["poses"][:, :3, 3].norm(dim=-1).median().item()
+    out = torch.stack([render_image(model, H, W, focal, orbit_pose(azimuth, 30, radius), args.chunk, device)
+                       for azimuth in tqdm(np.arange(frames) * 360 / frames, desc="video", leave=False)])
+    disp = out[..., 4:5] * out[..., 5:6]                                # empty space black
+    video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
+    mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
+    path = os.path.join(expdir, f"video_{step}.{'mp4' if mp4 else 'gif'}")
+    kwargs = dict(fps=30, codec="libx264") if mp4 else dict(duration=1000 / 30, loop=0)
+    atomic(path, lambda p: iio.imwrite(p, video, **kwargs))
+    return path
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device, gpus = pick_devices(args)
+    expdir, data = os.path.join(args.basedir, args.expname), load_scene(args)
+    ckpt_path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    config = dict(n_lamb_sigma=args.n_lamb_sigma, n_lamb_sh=args.n_lamb_sh, data_dim_color=args.data_dim_color,
+                  featureC=args.featureC, fea_pe=args.fea_pe, view_pe=args.view_pe, density_shift=args.density_shift,
+                  distance_scale=args.distance_scale)
+    raw, ckpt = TensorVM([round(args.N_voxel_init ** (1 / 3))] * 3, **config), None
+    if args.render_only or args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):
+        ckpt = load_checkpoint(ckpt_path, device)
+        raw = TensorVM((2, 2, 2), **ckpt["model_args"]) if args.render_only else raw  # rendering: the checkpoint's model
+        for key, value in raw.config.items():
+            if ckpt["model_args"][key] != value:
+                fail(f"checkpoint has {key}={ckpt['model_args'][key]}, this run {value}", ckpt_path,
+                     "use the same flags, --no_reload to start fresh, or another --expname")
+        raw.load_state(ckpt["model"])
+    raw.to(device)
+    raw.step_ratio, raw.alpha_mask_thre, raw.rm_weight_mask_thre = args.step_ratio, args.alpha_mask_thre, args.rm_weight_mask_thre
+    raw.white_bkgd = args.white_bkgd
+    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
+    print(f"{len(data['images'])} train / {len(data['test_images'])} test views of {data['H']}x{data['W']}, "
+          f"focal {data['focal']:.1f}, grid {'x'.join(map(str, raw.reso()))}, {device}")
+    os.makedirs(expdir, exist_ok=True)
+    if args.render_only:
+        return finish(model, data, args, expdir, ckpt["step"], ckpt["seconds"], device)
+
+    opt = make_optimizer(raw, args)
+    step, seconds, running, lr_reset = 0, 0.0, torch.zeros(2), 0.0      # MSE sum and steps since the last log line
+    if ckpt is not None:                                                # resume the same run
+        opt.load_state_dict(ckpt["optimizer"])
+        step, seconds, running, lr_reset = ckpt["step"], ckpt["seconds"], ckpt["running"].cpu(), ckpt["lr_reset"]
+        torch.set_rng_state(ckpt["rng"].cpu())
+        print(f"resumed from {ckpt_path} at step {step}")
+    if args.freeze:
+        freeze(raw, args.freeze)
+    write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
+    metrics_path = os.path.join(expdir, "metrics.jsonl")
+    old = pathlib.Path(metrics_path).read_text().splitlines() if os.path.exists(metrics_path) and step else []
+    write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint():
+        atomic(os.path.join(expdir, "ckpt.pt"), lambda p: torch.save({
+            "script": "tiny_tensorf", "model_args": raw.config, "model": raw.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "seconds": seconds, "running": running, "lr_reset": lr_reset, "rng": torch.get_rng_state(),
+            "args": vars(args)}, p))
+
+    stop = []                                                           # Ctrl-C: finish the step, save, exit
+
+    def on_ctrl_c(*_):
+        stop.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if threading.current_thread() is threading.main_thread() else None
+    voxels = dict(zip(args.upsamp_list, np.geomspace(args.N_voxel_init, args.N_voxel_final, len(args.upsamp_list) + 1)[1:]))
+    masks, pixels = args.update_AlphaMask_list, rays_in_box(data, raw.aabb)
+    budget, test, video, since = (args.max_minutes or math.inf) * 60, None, None, (seconds, step)
+    progress = lambda: max(step / args.N_iters, seconds / budget)      # noqa: E731  schedule position, 0 ... 1
+    bar = tqdm(total=args.N_iters, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        while step < args.N_iters and seconds < budget and not stop:   # the budget counts training steps only
+            tic = time.time()
+            if step in masks or step in voxels:                         # the grids change shape: a new optimizer
+                if step in masks:                                       # the reference shrinks only at the first;
+                    kept = raw.update_alpha_mask()                      # masked voxels never get a gradient again,
+                    raw.shrink()                                        # so shrinking each time loses nothing
+                    pixels = rays_in_box(data, raw.aabb)
+                    tqdm.write(f"[{step}] alpha mask keeps {kept:.1%} of the voxels, box {raw.aabb.tolist()}")
+                if step in voxels:
+                    lr_reset = progress() if args.lr_upsample_reset else 0.0
+                    tqdm.write(f"[{step}] grid upsampled to {'x'.join(map(str, raw.upsample(voxels[step])))}")
+                opt = make_optimizer(raw, args)
+                if args.freeze:
+                    freeze(raw, args.freeze, quiet=True)
+            decay = args.lr_decay_target_ratio ** (progress() - lr_reset)  # 1 -> target ratio over training
+            for group, lr in zip(opt.param_groups, (args.lr_init, args.lr_basis)):
+                group["lr"] = lr * decay
+            g = torch.Generator().manual_seed(args.seed * 1000003 + step)  # a step's draws depend on (seed, step) only
+            rays, target = sample_batch(data, pixels, args.batch_size, g)
+            u = torch.rand(len(rays), generator=g)
+            l1 = args.L1_weight_inital if not masks or step < masks[0] else args.L1_weight_rest
+            mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1, args).cpu()
+            step, seconds = step + 1, seconds + time.time() - tic
+            running += torch.stack([mse, torch.ones(())])
+            bar.update()
+            bar.set_postfix(psnr=f"{mse2psnr(mse):.2f}", refresh=False)
+            if step % args.i_print == 0 or step == args.N_iters:
+                rays_per_s = (step - since[1]) * args.batch_size / max(seconds - since[0], 1e-9)
+                record = {"step": step, "mse": (running[0] / running[1]).item(), "psnr": mse2psnr(running[0] / running[1]),
+                          "lr": opt.param_groups[0]["lr"], "reso": raw.reso(), "rays_per_s": round(rays_per_s),
+                          "seconds": round(seconds, 2)}
+                log(record)
+                tqdm.write(f"[{step}] mse {record['mse']:.5f} psnr {record['psnr']:.2f} lr {record['lr']:.2e}")
+                running, since = torch.zeros_like(running), (seconds, step)
+            if step % args.i_weights == 0:
+                save_checkpoint()
+            if step % args.i_testset == 0 and step < args.N_iters:
+                test = render_testset(model, data, args, expdir, step, device)
+                log({"step": step, "test_psnr": test["psnr"], "test_ssim": test["ssim"]})
+            if step % args.i_video == 0 and step < args.N_iters:
+                video = step, render_video(model, data, args, expdir, step, device)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    save_checkpoint()
+    if stop:
+        raise SystemExit(f"interrupted at step {step}: saved {expdir}/ckpt.pt; run the same command to resume")
+    final = finish(model, data, args, expdir, step, seconds, device, test, video)
+    if not (test and test["step"] == step):
+        log({"step": step, "test_psnr": final["psnr"], "test_ssim": final["ssim"]})
+    return final
+
+
+def finish(model, data, args, expdir, step, seconds, device, test=None, video=None):
+    """The end of a run: test views and video of this step unless just written, then the summary line."""
+    test = test if test and test["step"] == step else render_testset(model, data, args, expdir, step, device)
+    video = video[1] if video and video[0] == step else render_video(model, data, args, expdir, step, device)
+    print(f"wrote {os.path.join(expdir, f'testset_{step}')}/ and {video}")
+    print(f"test PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f} over {test['views']} views")
+    return {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training, where ckpt.pt is saved first: nothing to save
+        raise SystemExit("interrupted")
