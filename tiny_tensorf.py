@@ -1,20 +1,15 @@
 """tiny_tensorf.py: TensoRF radiance fields (vector-matrix decomposition) in one file.
 
-Chen, Xu, Geiger, Yu, Su, "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the
-defaults of the reference code for the Blender scenes. The scene box holds two 4-D feature grids, each
-factorised into three plane/line pairs (VM decomposition, eq. 4):
-    G(x, y, z) = sum_r  v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z).
-Density is sigma = softplus(G_sigma + shift) (components summed); the appearance components are
-concatenated and mapped by a basis matrix B to a feature, which a small MLP turns into a colour with the
-view direction. Rays are marched at half-voxel steps through the box, skipping voxels an alpha mask marks
-empty, and composited like NeRF: C = sum_i T_i (1 - exp(-sigma_i delta_i)) c_i. The grids start coarse
-and are upsampled during training; the box shrinks to the occupied region.
-
-Usage:
-    python tiny_tensorf.py --scene lego                        # downloads nerf_synthetic into data/ if missing
+Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the reference code's defaults
+for the Blender scenes. Density and appearance are feature grids over the scene box, each a sum of plane x line
+products (VM decomposition, eq. 4): G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z).
+sigma = softplus(G_sigma + shift); a basis matrix and a small MLP turn G_app and the view direction into a colour.
+Rays march at half-voxel steps, skip what an alpha mask marks empty and composite as in NeRF; the grids grow during
+training and the box shrinks to the occupied region.
+    python tiny_tensorf.py --scene lego                  # downloads nerf_synthetic into data/ if missing
     python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50
-    python tiny_tensorf.py --scene procedural                  # a generated scene: no network needed
-    python tiny_tensorf.py --render_only                       # test views and video from logs/tensorf_lego/ckpt.pt
+    python tiny_tensorf.py --scene procedural            # a generated scene: no network needed
+    python tiny_tensorf.py --render_only                 # test views and video from logs/tensorf_lego/ckpt.pt
 Outputs go to logs/<expname>/ (args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4).
 """
 import argparse
@@ -47,12 +42,13 @@ def fail(what, where, fix):
     raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
-
 # ---------------------------------------------------------------- arguments
 PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
     "cpu": dict(N_voxel_init=32 ** 3, N_voxel_final=200 ** 3, upsamp_list=[100, 200, 300, 400, 500],
                 update_AlphaMask_list=[50, 150, 300, 500], batch_size=2048, video_factor=4),
 }
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
         fail(message, "command line", "see python tiny_tensorf.py --help")
@@ -67,7 +63,6 @@ def positive(kind, zero=False):
     return check
 
 
-
 def get_parser():
     p = Parser(description="TensoRF in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pint, nint, nfloat = positive(int), positive(int, zero=True), positive(float, zero=True)
@@ -75,7 +70,6 @@ def get_parser():
     g = p.add_argument_group("data")
     g.add_argument("--scene", default="lego", help="<datadir>/nerf_synthetic/<scene>, or procedural: generated here")
     g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
-    g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
     g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
     g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings onto white, else black")
     g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
@@ -114,7 +108,7 @@ def get_parser():
     g.add_argument("--TV_weight_density", type=nfloat, default=0.0, help="total variation of the density planes")
     g.add_argument("--TV_weight_app", type=nfloat, default=0.0, help="total variation of the appearance planes")
     g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
-    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'render.*'")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'mlp.*'")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
     g.add_argument("--i_weights", type=pint, default=10000, help="steps between checkpoints")
@@ -165,11 +159,10 @@ def fetch_synthetic(datadir, url):
     os.makedirs(datadir, exist_ok=True)
     try:
         if not os.path.exists(zip_path):
-            with urllib.request.urlopen(url, timeout=30) as r, open(zip_path + ".part", "wb") as f:
-                size = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc="nerf_synthetic.zip") as bar:
-                    while chunk := r.read(1 << 20):
-                        bar.update(f.write(chunk))
+            with urllib.request.urlopen(url, timeout=30) as r, open(zip_path + ".part", "wb") as f, tqdm(
+                    total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc="download") as bar:
+                while chunk := r.read(1 << 20):
+                    bar.update(f.write(chunk))
             os.replace(zip_path + ".part", zip_path)            # complete: only now under its name
     except (OSError, ValueError, http.client.HTTPException) as e:
         fail(f"cannot download {url} ({e})", target,
@@ -177,25 +170,18 @@ def fetch_synthetic(datadir, url):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as z:
-            for member in tqdm(z.infolist(), desc="unzip", leave=False):
-                if not os.path.realpath(os.path.join(tmp, member.filename)).startswith(os.path.realpath(tmp) + os.sep):
-                    fail(f"member {member.filename!r} would escape the target folder", zip_path, "delete the file")
-                if member.filename.startswith("nerf_synthetic/"):
-                    z.extract(member, tmp)
+            members = [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")]
+            if not members or any(not os.path.realpath(os.path.join(tmp, m.filename)).startswith(
+                    os.path.realpath(tmp) + os.sep) for m in z.infolist()):              # no escape from tmp
+                fail("no nerf_synthetic/ folder, or a member outside it", zip_path, f"delete it, get it from {SYNTHETIC_PAGE}")
+            z.extractall(tmp, members)
     except zipfile.BadZipFile:
         fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
-    if not os.path.isdir(os.path.join(tmp, "nerf_synthetic")):
-        fail("no nerf_synthetic/ folder in the archive", zip_path, f"delete it and get the file from {SYNTHETIC_PAGE}")
     for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
     shutil.rmtree(tmp)
     os.remove(zip_path)
-
-
-def composite(rgba, white):
-    """RGBA (..., 4) straight alpha -> RGB (..., 3) over a white or black background: C = a c + (1 - a) bg."""
-    return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
 
 
 def to_uint8(image):
@@ -207,8 +193,8 @@ def area_resize(image, h, w):
     return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
 
 
-def read_rgba(path, half_res):
-    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+def read_rgb(path, half_res, white):
+    """A PNG as float RGB (H, W, 3) in [0, 1] over a white or black background: C = a c + (1 - a) bg."""
     if not os.path.exists(path):
         fail("missing image", path, "download the scene again or fix file_path in its transforms file")
     try:
@@ -219,7 +205,8 @@ def read_rgba(path, half_res):
         fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
     x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
     x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
-    return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
+    x = area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
+    return x[..., :3] * x[..., 3:] + (1 - x[..., 3:]) * float(white)
 
 
 def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
@@ -244,11 +231,10 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
         images = []
         for file in tqdm(files, desc=f"{name} images", leave=False):
             file = os.path.normpath(os.path.join(folder, file + ("" if file.endswith(".png") else ".png")))
-            rgba = read_rgba(file, half_res)
-            if shape and rgba.shape != shape:
-                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
-            shape = rgba.shape
-            images.append(composite(rgba, white_bkgd))
+            images.append(read_rgb(file, half_res, white_bkgd))
+            if shape and images[-1].shape != shape:
+                fail(f"image of {tuple(images[-1].shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+            shape = images[-1].shape
         data[split + "images"] = torch.stack(images)
     data["test_ids"], (data["H"], data["W"]) = list(range(0, len(data["test_images"]) * testskip, testskip)), shape[:2]
     data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
@@ -279,24 +265,18 @@ def orbit_pose(azimuth, elevation, radius):
 
 SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
            ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
-BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
 FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
 
 
 def ray_cast(o, d):
-    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
-    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
+    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene (three spheres on a checkered disc),
+    Lambert-shaded, with a Blinn-Phong highlight on the spheres (a view-dependent colour). -> RGBA (..., 4)."""
     hits = []                                                           # (t, normal, albedo, specular)
     for centre, r, colour in SPHERES:
         oc = o - torch.tensor(centre)
         b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
         t = -b - disc.clamp(min=0).sqrt()
         hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
-    lo, hi, colour = (torch.tensor(v) for v in BOX)
-    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
-    t_in, axis = torch.minimum(t1, t2).max(-1)
-    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
-    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
     t = (FLOOR[0] - o[..., 2]) / d[..., 2]
     p = o + t[..., None] * d
     tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
@@ -345,22 +325,19 @@ def load_scene(args):
     elif not os.path.exists(folder):
         if args.scene not in SYNTHETIC:
             fail("no such scene folder", folder, f"use one of {', '.join(SYNTHETIC)} or procedural, or check --datadir")
-        fetch_synthetic(args.datadir, args.data_url or SYNTHETIC_URL)
+        fetch_synthetic(args.datadir, SYNTHETIC_URL)
     return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
 
 
-
 def ray_box(o, d, aabb):
-    """Where rays o + t d (N, 3) enter and leave the box aabb (2, 3) (slab method), clamped to [NEAR, FAR].
-    -> t_near, t_far (N,); t_far <= t_near when a ray misses the box."""
+    """Where rays o + t d (N, 3) enter and leave the box aabb (2, 3), slab method, in [NEAR, FAR] (miss: far <= near)"""
     d = torch.where(d.abs() < 1e-6, torch.full_like(d, 1e-6), d)        # parallel to a face: a huge t, not a NaN
     ta, tb = (aabb[1] - o) / d, (aabb[0] - o) / d
     return torch.minimum(ta, tb).amax(-1).clamp(NEAR, FAR), torch.maximum(ta, tb).amin(-1).clamp(NEAR, FAR)
 
 
 def rays_in_box(data, aabb):
-    """Indices into the training pixels (image, row, column flattened) of the rays that cross the box: the others
-    only ever see the background, so they are dropped once (and again when the box shrinks)."""
+    """Flat indices of the training pixels whose rays cross the box: the others only see the background."""
     n, H, W = data["images"].shape[:3]
     keep = []
     for i in tqdm(range(n), desc="rays in box", leave=False):
@@ -371,8 +348,7 @@ def rays_in_box(data, aabb):
 
 
 def sample_batch(data, pixels, n_rays, g):
-    """n_rays training rays drawn with generator g among the pixels of all images that rays_in_box kept, on the
-    CPU. -> rays (n, 6): origins and directions, colours (n, 3)."""
+    """n_rays rays (n, 6) and colours (n, 3) drawn with generator g among those pixels, on the CPU."""
     H, W = data["images"].shape[1:3]
     k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
     img, ys, xs = k // (H * W), k // W % H, k % W
@@ -385,8 +361,8 @@ MAT, VEC = ((0, 1), (0, 2), (1, 2)), (2, 1, 0)  # pair i: a plane over world axe
 
 
 class Interp(torch.autograd.Function):
-    """sum_k w[:, k] table[idx[:, k]] -> (P, C): linear interpolation in a channels-last grid, by embedding_bag. The
-    backward is the sparse product W^T grad: on CPUs several times faster than the serial scatter of grid_sample's."""
+    """sum_k w[:, k] table[idx[:, k]] -> (P, C) by embedding_bag; the backward, a sparse product W^T grad, runs
+    several times faster on CPUs than grid_sample's serial scatter."""
 
     @staticmethod
     def forward(ctx, table, idx, w):
@@ -404,16 +380,15 @@ class Interp(torch.autograd.Function):
 
 
 def corners(t, n):
-    """Coordinates t (P,) in [-1, 1] over n vertices (corners aligned) -> lower vertex (P,), fraction (P,)."""
+    """t (P,) in [-1, 1] over n vertices (corners aligned) -> lower vertex (P,), fraction (P,)."""
     p = (t + 1) * (0.5 * (n - 1))
     i = p.floor().clamp(0, n - 2)
     return i.long(), p - i
 
 
 def vm_sample(planes, lines, x):
-    """The VM components at points x (P, 3) in [-1, 1]^3 (the box corners at -1 and 1): plane_r(u, v) line_r(w) for
-    every pair and component, by bilinear and linear interpolation. planes[i] (R_v, R_u, C), lines[i] (R_w, C),
-    channels last (the reference code's (1, C, R_v, R_u) and (1, C, R_w, 1), transposed). -> (P, 3 C)."""
+    """M_r(u, v) v_r(w) of every pair and component at x (P, 3) in [-1, 1]^3 -> (P, 3 C). planes[i] (R_v, R_u, C),
+    lines[i] (R_w, C): channels last (the reference's (1, C, R_v, R_u), transposed)."""
     out = []
     for plane, line, (a, b), c in zip(planes, lines, MAT, VEC):
         (iu, fu), (iv, fv), (iw, fw) = corners(x[:, a], plane.shape[1]), corners(x[:, b], plane.shape[0]), corners(x[:, c], len(line))
@@ -426,8 +401,8 @@ def vm_sample(planes, lines, x):
 
 
 def vm_dense(planes, lines, summed=True):
-    """The tensor the planes and lines factorise, at the grid vertices: the sum of all components (X, Y, Z), or
-    every component (3 C, X, Y, Z). Trilinear interpolation of it equals vm_sample (bilinear times linear)."""
+    """The factorised tensor at the vertices, summed (X, Y, Z) or per component (3 C, X, Y, Z); trilinear
+    interpolation of it equals vm_sample (bilinear times linear)."""
     spec = ("jic,kc", "kic,jc", "kjc,ic")                               # M^XY(x, y) v^Z(z), M^XZ v^Y, M^YZ v^X
     out = [torch.einsum(f"{s}->{'' if summed else 'c'}ijk", p, l_) for s, p, l_ in zip(spec, planes, lines)]
     return sum(out) if summed else torch.cat(out)
@@ -445,21 +420,17 @@ def tv(planes):
 
 
 class TensorVM(nn.Module):
-    """Density and appearance grids in VM form over the box `aabb`, the basis matrix and the colour MLP.
-    forward(rays, target, u) returns this replica's summed squared error, so DataParallel gathers one number per GPU;
-    forward(rays) returns rendered maps. config: the constructor's arguments, saved with the weights. The grids, the
-    box and the alpha mask change shape during training; they live in the state dict (see load_state)."""
+    """Density and appearance grids in VM form over the box `aabb`, the basis matrix and the colour MLP; forward
+    returns this replica's loss terms, so DataParallel gathers a number per GPU. Grids, box and mask change shape."""
 
     def __init__(self, reso=(128, 128, 128), n_lamb_sigma=16, n_lamb_sh=48, data_dim_color=27, featureC=128, fea_pe=2,
                  view_pe=2, density_shift=-10.0, distance_scale=25.0, bound=1.5):
+        config = {k: v for k, v in locals().items() if k not in ("self", "reso", "__class__")}  # the arguments
         super().__init__()
-        self.config = dict(n_lamb_sigma=n_lamb_sigma, n_lamb_sh=n_lamb_sh, data_dim_color=data_dim_color,
-                           featureC=featureC, fea_pe=fea_pe, view_pe=view_pe, density_shift=density_shift,
-                           distance_scale=distance_scale, bound=bound)
+        self.config = config
         self.fea_pe, self.view_pe, self.density_shift, self.distance_scale = fea_pe, view_pe, density_shift, distance_scale
         self.register_buffer("aabb", torch.tensor([[-bound] * 3, [bound] * 3]))
-        self.register_buffer("alpha_mask", torch.ones(0, 0, 0, dtype=torch.bool))  # empty: no mask yet
-        self.register_buffer("alpha_aabb", self.aabb.clone())
+        self.register_buffer("alpha_mask", torch.ones(1, 1, 1, dtype=torch.bool))  # over aabb; 1x1x1: no mask yet
 
         def grids(n):                                                   # the reference's init: N(0, 0.1^2)
             return (nn.ParameterList([nn.Parameter(0.1 * torch.randn(reso[b], reso[a], n)) for a, b in MAT]),
@@ -495,20 +466,14 @@ class TensorVM(nn.Module):
         return torch.sigmoid(self.mlp(h))
 
     def occupied(self, x):
-        """Whether world points x (P, 3) fall in voxels the alpha mask keeps (its nearest vertex): a lookup."""
-        m = self.alpha_mask
-        if m.numel() == 0:
-            return torch.ones(len(x), dtype=torch.bool, device=x.device)
-        size = torch.tensor(m.shape, device=x.device)
-        i = ((x - self.alpha_aabb[0]) / (self.alpha_aabb[1] - self.alpha_aabb[0]) * (size - 1)).round().long()
-        inside = ((i >= 0) & (i < size)).all(-1)
-        i = torch.minimum(i.clamp(min=0), size - 1)
-        return inside & m[i[:, 0], i[:, 1], i[:, 2]]
+        """Whether points x (P, 3) in the box fall in voxels the alpha mask keeps (its nearest vertex): a lookup."""
+        size = torch.tensor(self.alpha_mask.shape, device=x.device)
+        i = ((self.normalize(x) + 1) * 0.5 * (size - 1)).round().long().clamp(min=0).minimum(size - 1)
+        return self.alpha_mask[i[:, 0], i[:, 1], i[:, 2]]
 
     def render_rays(self, rays, u=None):
-        """Ray marching (TensoRF sec. 4.1): samples every step_ratio voxels from where a ray enters the box, all of a
-        ray's shifted by one uniform u (N,) in training; densities only where the alpha mask says occupied, colours
-        only where a weight exceeds rm_weight_mask_thre. rays (N, 6). -> rgb (N, 3), depth (N,), opacity (N,)."""
+        """Ray marching: samples every step_ratio voxels from where a ray (N, 6) enters the box, shifted by u (N,) in
+        training; density where the alpha mask keeps voxels, colour where w_i > rm_weight_mask_thre. -> rgb, depth, acc"""
         o, d = rays[:, :3], F.normalize(rays[:, 3:6], dim=-1)
         near, far = ray_box(o, d, self.aabb)
         step = self.step_size()
@@ -530,8 +495,7 @@ class TensorVM(nn.Module):
         return rgb_map, (w * z).sum(1), acc
 
     def forward(self, rays, target=None, u=None):
-        """rays (N, 6), target (N, 3) or None, u (N,) or None. -> (1, 1) summed squared error, or without target
-        (N, 6): rgb, depth, disparity and opacity."""
+        """-> (1, 1) summed squared error against target (N, 3), or without target (N, 6): rgb, depth, disp, acc."""
         rgb, depth, acc = self.render_rays(rays, u)
         if target is not None:
             return ((rgb - target) ** 2).sum()[None, None]
@@ -542,8 +506,7 @@ class TensorVM(nn.Module):
         return sum(g.abs().mean() for g in [*self.density_planes, *self.density_lines])
 
     def remap(self, fn):
-        """Replace every plane and line by fn(grid, dims), grid in the reference layout (1, C, H, W): its dims 2 and
-        3 span world axes dims (3: a line's width of 1)."""
+        """Replace every grid g by fn(g, dims), g in the reference layout (1, C, H, W) spanning world axes dims."""
         for planes, lines in ((self.density_planes, self.density_lines), (self.app_planes, self.app_lines)):
             for i, ((a, b), c) in enumerate(zip(MAT, VEC)):
                 planes[i] = nn.Parameter(fn(planes[i].detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0).contiguous())
@@ -551,8 +514,7 @@ class TensorVM(nn.Module):
 
     @torch.no_grad()
     def upsample(self, n_voxels):
-        """Resample the grids to about n_voxels vertices, cubic voxels over the box (bilinear / linear interpolation
-        with the corners aligned: the field is kept up to interpolation error). -> the new resolution."""
+        """Resample the grids to about n_voxels cubic voxels over the box (field kept up to interpolation error)."""
         size = self.aabb[1] - self.aabb[0]
         reso = (size / (size.prod() / n_voxels) ** (1 / 3)).round().long().clamp(min=2).tolist() + [1]
         self.remap(lambda g, dims: F.interpolate(g, size=(reso[dims[0]], reso[dims[1]]), mode="bilinear", align_corners=True))
@@ -560,12 +522,10 @@ class TensorVM(nn.Module):
 
     @torch.no_grad()
     def update_alpha_mask(self):
-        """Alpha of every grid vertex at the marching step, from the dense density grid (an einsum, no sampling),
-        dilated by one voxel: voxels under alpha_mask_thre are skipped from now on. -> the share of voxels kept."""
+        """Alpha of every vertex from the dense grid (an einsum: cheap), dilated by a voxel -> share of voxels kept."""
         sigma = F.softplus(vm_dense(self.density_planes, self.density_lines) + self.density_shift)
         alpha = 1 - torch.exp(-sigma * self.step_size() * self.distance_scale)
         self.alpha_mask = F.max_pool3d(alpha[None, None], 3, stride=1, padding=1)[0, 0] >= self.alpha_mask_thre
-        self.alpha_aabb = self.aabb.clone()
         return self.alpha_mask.float().mean().item()
 
     @torch.no_grad()
@@ -581,7 +541,6 @@ class TensorVM(nn.Module):
         self.remap(lambda g, dims: g[:, :, span[dims[0]], span[dims[1]]].clone())
         self.alpha_mask = self.alpha_mask[span[0], span[1], span[2]].clone()
         self.aabb = torch.stack([self.aabb[0] + lo.to(units) * units, self.aabb[0] + hi.to(units) * units])
-        self.alpha_aabb = self.aabb.clone()
 
     def load_state(self, state):
         """load_state_dict after giving the grids, box and mask the checkpoint's shapes."""
@@ -600,8 +559,7 @@ def mse2psnr(mse):
 
 
 def make_optimizer(raw, args):
-    """Adam (the reference's betas) with two groups, the grids at lr_init and the basis matrix and MLP at lr_basis;
-    built anew whenever the grids change shape, as the reference code does after each upsampling."""
+    """Adam with the reference's groups and betas; built anew whenever the grids change shape, as the reference does."""
     grids = [*raw.density_planes, *raw.density_lines, *raw.app_planes, *raw.app_lines]
     nets = [*raw.basis_mat.parameters(), *raw.mlp.parameters()]
     return torch.optim.Adam([{"params": grids, "lr": args.lr_init}, {"params": nets, "lr": args.lr_basis}],
@@ -609,8 +567,7 @@ def make_optimizer(raw, args):
 
 
 def train_step(model, raw, opt, rays, target, u, l1_weight, args):
-    """One Adam step on rays (N, 6), colours (N, 3), jitter u (N,): MSE, L1 on the density grids and the optional
-    total variation (reference lego: L1 only). -> the MSE (detached)."""
+    """One Adam step on MSE + L1 on the density grids (+ optional total variation) -> the MSE (detached)."""
     mse = model(rays, target, u).sum() / target.numel()                 # sum over replicas / global count
     loss = mse + l1_weight * raw.density_l1()
     if args.TV_weight_density > 0 or args.TV_weight_app > 0:
@@ -627,15 +584,13 @@ def freeze(model, patterns, quiet=False):
     """Stop gradients to the parameters whose qualified names match any fnmatch pattern (again after the grids
     change shape: new parameters)."""
     names = [n for n, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
-            fail(f"pattern {pattern!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
+        fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not quiet:
-        print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
+        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
 
@@ -643,21 +598,15 @@ def freeze(model, patterns, quiet=False):
 def pick_devices(args):
     """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
         fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
-    if device.type != "cuda":
-        return device, []
-    n = torch.cuda.device_count()
-    if n == 0:
-        fail("CUDA is not available", "--device", "use --device cpu")
-    first = device.index or 0
+    if name == "cpu":
+        return torch.device("cpu"), []
+    n, first = torch.cuda.device_count(), int(name[5:] or 0)
     gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
-    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
-        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
-    gpus = [int(i) for i in gpus]
-    return torch.device("cuda", gpus[0]), gpus
+    if n == 0 or any(not str(i).isdigit() or int(i) >= n for i in gpus):
+        fail(f"{n} GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or use --device cpu")
+    return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 
 def atomic(path, write):
@@ -682,6 +631,7 @@ def load_checkpoint(path, device):
     if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_tensorf":
         fail("not a tiny_tensorf checkpoint", path, "pass a ckpt.pt written by tiny_tensorf.py")
     return ckpt
+
 
 # ---------------------------------------------------------------- evaluation & outputs
 def ssim(a, b):
@@ -743,15 +693,15 @@ def render_video(model, data, args, expdir, step, device, frames=40):
     atomic(path, lambda p: iio.imwrite(p, video, **kwargs))
     return path
 
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device, gpus = pick_devices(args)
     expdir, data = os.path.join(args.basedir, args.expname), load_scene(args)
     ckpt_path = args.ckpt or os.path.join(expdir, "ckpt.pt")
-    config = dict(n_lamb_sigma=args.n_lamb_sigma, n_lamb_sh=args.n_lamb_sh, data_dim_color=args.data_dim_color,
-                  featureC=args.featureC, fea_pe=args.fea_pe, view_pe=args.view_pe, density_shift=args.density_shift,
-                  distance_scale=args.distance_scale)
+    config = {k: getattr(args, k) for k in ("n_lamb_sigma", "n_lamb_sh", "data_dim_color", "featureC", "fea_pe",
+                                            "view_pe", "density_shift", "distance_scale")}
     raw, ckpt = TensorVM([round(args.N_voxel_init ** (1 / 3))] * 3, **config), None
     if args.render_only or args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):
         ckpt = load_checkpoint(ckpt_path, device)
@@ -762,8 +712,8 @@ def main(argv=None):
                      "use the same flags, --no_reload to start fresh, or another --expname")
         raw.load_state(ckpt["model"])
     raw.to(device)
-    raw.step_ratio, raw.alpha_mask_thre, raw.rm_weight_mask_thre = args.step_ratio, args.alpha_mask_thre, args.rm_weight_mask_thre
-    raw.white_bkgd = args.white_bkgd
+    for key in ("step_ratio", "alpha_mask_thre", "rm_weight_mask_thre", "white_bkgd"):  # rendering options, not saved
+        setattr(raw, key, getattr(args, key))
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     print(f"{len(data['images'])} train / {len(data['test_images'])} test views of {data['H']}x{data['W']}, "
           f"focal {data['focal']:.1f}, grid {'x'.join(map(str, raw.reso()))}, {device}")
@@ -822,8 +772,7 @@ def main(argv=None):
                 if args.freeze:
                     freeze(raw, args.freeze, quiet=True)
             decay = args.lr_decay_target_ratio ** (progress() - lr_reset)  # 1 -> target ratio over training
-            for group, lr in zip(opt.param_groups, (args.lr_init, args.lr_basis)):
-                group["lr"] = lr * decay
+            opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)  # a step's draws depend on (seed, step) only
             rays, target = sample_batch(data, pixels, args.batch_size, g)
             u = torch.rand(len(rays), generator=g)
@@ -834,12 +783,10 @@ def main(argv=None):
             bar.update()
             bar.set_postfix(psnr=f"{mse2psnr(mse):.2f}", refresh=False)
             if step % args.i_print == 0 or step == args.N_iters:
-                rays_per_s = (step - since[1]) * args.batch_size / max(seconds - since[0], 1e-9)
-                record = {"step": step, "mse": (running[0] / running[1]).item(), "psnr": mse2psnr(running[0] / running[1]),
-                          "lr": opt.param_groups[0]["lr"], "reso": raw.reso(), "rays_per_s": round(rays_per_s),
-                          "seconds": round(seconds, 2)}
-                log(record)
-                tqdm.write(f"[{step}] mse {record['mse']:.5f} psnr {record['psnr']:.2f} lr {record['lr']:.2e}")
+                m, rays_per_s = running[0] / running[1], (step - since[1]) * args.batch_size / max(seconds - since[0], 1e-9)
+                log({"step": step, "mse": m.item(), "psnr": mse2psnr(m), "lr": opt.param_groups[0]["lr"], "reso": raw.reso(),
+                     "rays_per_s": round(rays_per_s), "seconds": round(seconds, 2)})
+                tqdm.write(f"[{step}] mse {m:.5f} psnr {mse2psnr(m):.2f} lr {opt.param_groups[0]['lr']:.2e}")
                 running, since = torch.zeros_like(running), (seconds, step)
             if step % args.i_weights == 0:
                 save_checkpoint()
