@@ -105,8 +105,6 @@ def get_parser():
     g.add_argument("--lr_upsample_reset", action=flag, default=True, help="restart the decay at each upsampling")
     g.add_argument("--L1_weight_inital", type=nfloat, default=8e-5, help="L1 on density before the box shrinks")
     g.add_argument("--L1_weight_rest", type=nfloat, default=4e-5, help="L1 on density after")
-    g.add_argument("--TV_weight_density", type=nfloat, default=0.0, help="total variation of the density planes")
-    g.add_argument("--TV_weight_app", type=nfloat, default=0.0, help="total variation of the appearance planes")
     g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'mlp.*'")
     g = p.add_argument_group("evaluation and outputs")
@@ -414,11 +412,6 @@ def encode(x, L):
     return torch.cat([xf.sin(), xf.cos()], -1)
 
 
-def tv(planes):
-    """Total variation: mean squared difference of neighbouring plane entries along both axes."""
-    return sum(((p[..., 1:, :] - p[..., :-1, :]) ** 2).mean() + ((p[..., 1:] - p[..., :-1]) ** 2).mean() for p in planes)
-
-
 class TensorVM(nn.Module):
     """Density and appearance grids in VM form over the box `aabb`, the basis matrix and the colour MLP; forward
     returns this replica's loss terms, so DataParallel gathers a number per GPU. Grids, box and mask change shape."""
@@ -567,11 +560,9 @@ def make_optimizer(raw, args):
 
 
 def train_step(model, raw, opt, rays, target, u, l1_weight, args):
-    """One Adam step on MSE + L1 on the density grids (+ optional total variation) -> the MSE (detached)."""
+    """One Adam step on MSE + L1 on the density grids (reference lego: no total variation) -> the MSE (detached)."""
     mse = model(rays, target, u).sum() / target.numel()                 # sum over replicas / global count
     loss = mse + l1_weight * raw.density_l1()
-    if args.TV_weight_density > 0 or args.TV_weight_app > 0:
-        loss = loss + args.TV_weight_density * tv(raw.density_planes) + args.TV_weight_app * tv(raw.app_planes)
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()}", "--lr_init", "lower the learning rates; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
