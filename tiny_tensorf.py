@@ -1,11 +1,10 @@
 """tiny_tensorf.py: TensoRF radiance fields (vector-matrix decomposition) in one file.
 
-Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the reference code's defaults
-for the Blender scenes. Density and appearance are feature grids over the scene box, each a sum of plane x line
-products (VM decomposition, eq. 4): G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z).
-sigma = softplus(G_sigma + shift); a basis matrix and a small MLP turn G_app and the view direction into a colour.
-Rays march at half-voxel steps, skip what an alpha mask marks empty and composite as in NeRF; the grids grow during
-training and the box shrinks to the occupied region.
+Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), reference defaults for Blender scenes.
+Density and appearance are grids over the scene box, sums of plane x line products (VM decomposition, eq. 4):
+G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z); sigma = softplus(G_sigma + shift),
+a basis matrix and a small MLP map G_app and the view direction to a colour. Rays march at half-voxel steps, skip what
+an alpha mask marks empty and composite as in NeRF; the grids grow during training, the box shrinks to the occupied part.
     python tiny_tensorf.py --scene lego                  # downloads nerf_synthetic into data/ if missing
     python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50
     python tiny_tensorf.py --scene procedural            # a generated scene: no network needed
@@ -208,10 +207,9 @@ def read_rgb(path, half_res, white):
 
 
 def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
-    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x
-    and per frame a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the
-    camera looks down its -z axis, +y up). -> dict: images (N, H, W, 3) and poses (N, 4, 4), test_images,
-    test_poses, test_ids (indices in transforms_test.json), H, W, focal."""
+    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x and per
+    frame a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: looking down -z, +y up).
+    -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_ids (in transforms_test.json), H, W, focal"""
     data, shape = {}, None
     for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
         path = os.path.join(folder, f"transforms_{name}.json")
@@ -240,9 +238,9 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
 
 
 def get_rays(H, W, focal, c2w, ys=None, xs=None):
-    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4).
-    -> origins, directions (H, W, 3) or (*S, 3), world frame. Pixel (y, x) looks along ((x + 0.5 - W/2) / f,
-    -(y + 0.5 - H/2) / f, -1) in the camera frame (the reference code omits the 0.5; Blender renders centres)."""
+    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4)
+    -> world origins, directions (H, W, 3) or (*S, 3). Pixel (y, x) looks along ((x + 0.5 - W/2) / f, -(y + 0.5 - H/2) / f,
+    -1) in the camera frame (the reference code omits the 0.5; Blender renders pixel centres)."""
     if ys is None:
         ys, xs = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
     dirs = torch.stack([(xs + 0.5 - 0.5 * W) / focal, -(ys + 0.5 - 0.5 * H) / focal, -torch.ones_like(xs)], -1).float()
@@ -418,9 +416,8 @@ class TensorVM(nn.Module):
 
     def __init__(self, reso=(128, 128, 128), n_lamb_sigma=16, n_lamb_sh=48, data_dim_color=27, featureC=128, fea_pe=2,
                  view_pe=2, density_shift=-10.0, distance_scale=25.0, bound=1.5):
-        config = {k: v for k, v in locals().items() if k not in ("self", "reso", "__class__")}  # the arguments
         super().__init__()
-        self.config = config
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "reso", "__class__")}  # the arguments
         self.fea_pe, self.view_pe, self.density_shift, self.distance_scale = fea_pe, view_pe, density_shift, distance_scale
         self.register_buffer("aabb", torch.tensor([[-bound] * 3, [bound] * 3]))
         self.register_buffer("alpha_mask", torch.ones(1, 1, 1, dtype=torch.bool))  # over aabb; 1x1x1: no mask yet
@@ -499,11 +496,11 @@ class TensorVM(nn.Module):
         return sum(g.abs().mean() for g in [*self.density_planes, *self.density_lines])
 
     def remap(self, fn):
-        """Replace every grid g by fn(g, dims), g in the reference layout (1, C, H, W) spanning world axes dims."""
+        """Replace every grid g by fn(g, dims), g in the reference layout (1, C, H, W) over world axes dims (frozen ones stay so)"""
         for planes, lines in ((self.density_planes, self.density_lines), (self.app_planes, self.app_lines)):
-            for i, ((a, b), c) in enumerate(zip(MAT, VEC)):
-                planes[i] = nn.Parameter(fn(planes[i].detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0).contiguous())
-                lines[i] = nn.Parameter(fn(lines[i].detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous())
+            for i, (a, b), c, p, v in zip(range(3), MAT, VEC, planes, lines):
+                planes[i] = nn.Parameter(fn(p.detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0).contiguous(), p.requires_grad)
+                lines[i] = nn.Parameter(fn(v.detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous(), v.requires_grad)
 
     @torch.no_grad()
     def upsample(self, n_voxels):
@@ -535,14 +532,12 @@ class TensorVM(nn.Module):
         self.alpha_mask = self.alpha_mask[span[0], span[1], span[2]].clone()
         self.aabb = torch.stack([self.aabb[0] + lo.to(units) * units, self.aabb[0] + hi.to(units) * units])
 
-    def load_state(self, state):
-        """load_state_dict after giving the grids, box and mask the checkpoint's shapes."""
+    def load_state(self, state):                                        # grids, box and mask: the checkpoint's shapes
         for name, value in state.items():
-            owner, _, leaf = name.rpartition(".")
-            old = getattr(self.get_submodule(owner), leaf, None)
-            if isinstance(old, torch.Tensor) and old.shape != value.shape:
-                new = torch.empty_like(value, device=old.device)
-                setattr(self.get_submodule(owner), leaf, nn.Parameter(new) if isinstance(old, nn.Parameter) else new)
+            module, _, leaf = name.rpartition(".")
+            module, old = self.get_submodule(module), getattr(self.get_submodule(module), leaf)
+            if old.shape != value.shape:
+                setattr(module, leaf, nn.Parameter(value.clone()) if isinstance(old, nn.Parameter) else value.clone())
         self.load_state_dict(state)
 
 
@@ -571,17 +566,15 @@ def train_step(model, raw, opt, rays, target, u, l1_weight, args):
     return mse.detach()
 
 
-def freeze(model, patterns, quiet=False):
-    """Stop gradients to the parameters whose qualified names match any fnmatch pattern (again after the grids
-    change shape: new parameters)."""
+def freeze(model, patterns):
+    """Stop gradients to the parameters whose qualified names match any fnmatch pattern."""
     names = [n for n, _ in model.named_parameters()]
     if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
         fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if not quiet:
-        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
+    print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
 
@@ -640,8 +633,7 @@ def ssim(a, b):
 
 @torch.no_grad()
 def render_image(model, H, W, focal, c2w, chunk, device):
-    """One view, chunk rays at a time (split over the GPUs by DataParallel).
-    -> (H, W, 6) on the CPU: rgb, depth, disparity, accumulated opacity."""
+    """One view, chunk rays at a time (split over the GPUs) -> (H, W, 6) on the CPU: rgb, depth, disparity, opacity."""
     o, d = get_rays(H, W, focal, c2w)
     rays = torch.cat([o, d], -1).view(-1, 6)
     return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
@@ -760,8 +752,6 @@ def main(argv=None):
                     lr_reset = progress() if args.lr_upsample_reset else 0.0
                     tqdm.write(f"[{step}] grid upsampled to {'x'.join(map(str, raw.upsample(voxels[step])))}")
                 opt = make_optimizer(raw, args)
-                if args.freeze:
-                    freeze(raw, args.freeze, quiet=True)
             decay = args.lr_decay_target_ratio ** (progress() - lr_reset)  # 1 -> target ratio over training
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)  # a step's draws depend on (seed, step) only

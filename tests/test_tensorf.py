@@ -138,6 +138,17 @@ def test_alpha_mask_skips_empty_space_and_the_box_shrinks_to_it(monkeypatch):
     assert model.reso() == [13, 13, 13] and torch.allclose(field(model, points), before, atol=1e-4)
 
 
+def test_frozen_grids_stay_frozen_when_the_grids_change_shape():
+    model = tiny_tensorf.TensorVM((31, 31, 31), n_lamb_sigma=2, n_lamb_sh=2)
+    tiny_tensorf.freeze(model, ["density_*"])
+    cube_density(model)
+    model.update_alpha_mask()
+    model.shrink()
+    assert model.upsample(20 ** 3) == model.reso() == [20, 20, 20]                 # new tensors, new parameters
+    assert not any(p.requires_grad for p in [*model.density_planes, *model.density_lines])
+    assert all(p.requires_grad for p in [*model.app_planes, *model.app_lines, *model.mlp.parameters()])
+
+
 def test_colour_mlp_is_150_wide_in_the_reference_configuration():
     model = tiny_tensorf.TensorVM((8, 8, 8))
     assert model.mlp[0].in_features == 150 and model.basis_mat.weight.shape == (27, 144)
