@@ -46,8 +46,8 @@ def fail(what, where, fix):
 
 # ---------------------------------------------------------------- arguments
 PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
-    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=1024, amp=True, video_factor=4,
-                use_batching=True, lrate=3e-3, lrate_decay=2),
+    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=512, amp=True, video_factor=4,
+                use_batching=True, lrate=3e-3, lrate_decay=8),
 }
 
 
