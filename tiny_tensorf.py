@@ -554,7 +554,7 @@ def make_optimizer(raw, args):
                             betas=(0.9, 0.99), fused=True)
 
 
-def train_step(model, raw, opt, rays, target, u, l1_weight, args):
+def train_step(model, raw, opt, rays, target, u, l1_weight):
     """One Adam step on MSE + L1 on the density grids (reference lego: no total variation) -> the MSE (detached)."""
     mse = model(rays, target, u).sum() / target.numel()                 # sum over replicas / global count
     loss = mse + l1_weight * raw.density_l1()
@@ -758,7 +758,7 @@ def main(argv=None):
             rays, target = sample_batch(data, pixels, args.batch_size, g)
             u = torch.rand(len(rays), generator=g)
             l1 = args.L1_weight_inital if not masks or step < masks[0] else args.L1_weight_rest
-            mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1, args).cpu()
+            mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1).cpu()
             step, seconds = step + 1, seconds + time.time() - tic
             running += torch.stack([mse, torch.ones(())])
             bar.update()
