@@ -1,26 +1,33 @@
 """tiny_tensorf.py: TensoRF radiance fields (vector-matrix decomposition) in one file.
 
-Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), reference defaults for Blender scenes.
-Density and appearance are grids over the scene box, sums of plane x line products (VM decomposition, eq. 4):
-G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z); sigma = softplus(G_sigma + shift),
-a basis matrix and a small MLP map G_app and the view direction to a colour. Rays march at half-voxel steps, skip what
-an alpha mask marks empty and composite as in NeRF; the grids grow during training, the box shrinks to the occupied part.
+Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the reference defaults for the
+Blender scenes. Density and appearance are grids over the scene box, sums of plane x line products (VM, eq. 4):
+    G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z),
+sigma = softplus(G_sigma + shift); a basis matrix and a small MLP map G_app and the view direction to a colour. Rays
+march at half-voxel steps, skip what an alpha mask marks empty and composite as in NeRF; the grids grow during
+training, and the box shrinks to the occupied part.
+
     python tiny_tensorf.py --scene lego                  # downloads nerf_synthetic into data/ if missing
     python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50
-    python tiny_tensorf.py --scene procedural            # a generated scene: no network needed
-    python tiny_tensorf.py --render_only                 # test views and video from logs/tensorf_lego/ckpt.pt
-Outputs go to logs/<expname>/ (args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4).
+    python tiny_tensorf.py --scene procedural            # a scene generated here: no network needed
+    python tiny_tensorf.py --preset cpu --render_only    # test views and video from logs/tensorf_lego_cpu/ckpt.pt
+Sections: arguments, model, training, evaluation & outputs, data, harness (the same in the four scripts), main.
+Outputs in logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4, final.json.
 """
 import argparse
+import difflib
 import fnmatch
+import hashlib
 import http.client
 import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import urllib.request
@@ -33,12 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+SCRIPT = "tiny_tensorf"
 NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code), along unit directions
-
-
-def fail(what, where, fix):
-    """A user error: one line on stderr, exit status 1, no traceback."""
-    raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
 # ---------------------------------------------------------------- arguments
@@ -46,20 +49,10 @@ PRESETS = {  # applied before the flags given on the command line, which win; cp
     "cpu": dict(N_voxel_init=32 ** 3, N_voxel_final=200 ** 3, upsamp_list=[100, 200, 300, 400, 500],
                 update_AlphaMask_list=[50, 150, 300, 500], batch_size=2048, video_factor=4),
 }
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        fail(message, "command line", "see python tiny_tensorf.py --help")
-
-
-def positive(kind, zero=False):
-    def check(text):
-        value = kind(text)
-        if value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
-        return value
-    return check
+ALIASES = {"--n_iters": "--N_iters", "--dataset_name": "read from the folder (--datadir, --scene)",
+           "--render_test": "--render_only", "--render_path": "--render_only (it renders the video)",
+           "--lr_decay_iters": "the --N_iters or --max_minutes the decay runs over", "--downsample_train": "--half_res",
+           "--N_vis": "--i_testset", "--vis_every": "--i_testset", "--config": "not read yet: give the flags"}
 
 
 def get_parser():
@@ -69,8 +62,9 @@ def get_parser():
     g = p.add_argument_group("data")
     g.add_argument("--scene", default="lego", help="<datadir>/nerf_synthetic/<scene>, or procedural: generated here")
     g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
+    g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
     g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
-    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings onto white, else black")
+    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white, else black")
     g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
     g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
     g = p.add_argument_group("model (names of the reference TensoRF code)")
@@ -94,43 +88,44 @@ def get_parser():
     g.add_argument("--rm_weight_mask_thre", type=nfloat, default=1e-4, help="weight below which no colour is computed")
     g.add_argument("--chunk", type=pint, default=4096, help="rays rendered at once")
     g = p.add_argument_group("training")
-    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"new defaults, under the given flags: {PRESETS}")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"defaults under the given flags: {PRESETS}")
     g.add_argument("--N_iters", type=pint, default=30000, help="training steps")
     g.add_argument("--batch_size", type=pint, default=4096, help="rays per step (split over --gpus)")
     g.add_argument("--lr_init", type=positive(float), default=0.02, help="Adam learning rate of the grids")
-    g.add_argument("--lr_basis", type=positive(float), default=1e-3, help="Adam learning rate of the basis matrix and MLP")
+    g.add_argument("--lr_basis", type=positive(float), default=1e-3, help="Adam learning rate of the basis and MLP")
     g.add_argument("--lr_decay_target_ratio", type=positive(float), default=0.1, help="learning rates fall to this "
                    "fraction by the end of training (N_iters, or --max_minutes if that comes first)")
     g.add_argument("--lr_upsample_reset", action=flag, default=True, help="restart the decay at each upsampling")
     g.add_argument("--L1_weight_inital", type=nfloat, default=8e-5, help="L1 on density before the box shrinks")
     g.add_argument("--L1_weight_rest", type=nfloat, default=4e-5, help="L1 on density after")
-    g.add_argument("--max_minutes", type=positive(float), default=None, help="stop after M minutes of training steps")
-    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name, e.g. 'mlp.*'")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then the outputs as usual")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'mlp.*'")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
     g.add_argument("--i_weights", type=pint, default=10000, help="steps between checkpoints")
     g.add_argument("--i_testset", type=pint, default=50000, help="steps between test-set renderings")
     g.add_argument("--i_video", type=pint, default=50000, help="steps between turntable videos")
-    g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor (0: none)")
+    g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor")
     g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this factor (0: --render_factor)")
-    g.add_argument("--render_only", action="store_true", help="render test views and video from the checkpoint and exit")
+    g.add_argument("--render_only", action="store_true", help="render test views and video of the checkpoint, exit")
+    g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
     g.add_argument("--basedir", default="logs", help="where experiment folders go")
-    g.add_argument("--expname", default=None, help="experiment folder name (default: tensorf_<scene>[_<preset>])")
+    g.add_argument("--expname", default=None, help="experiment folder (default: tensorf_<scene>[_<preset>])")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: all visible)")
-    g.add_argument("--no_reload", action="store_true", help="start fresh instead of resuming from ckpt.pt")
+    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: --device only)")
+    g.add_argument("--no_reload", action="store_true", help="start afresh instead of resuming ckpt.pt")
     g.add_argument("--ckpt", default=None, help="checkpoint to load instead of logs/<expname>/ckpt.pt")
     return p
 
 
-def parse_args(argv=None):
-    p = get_parser()
-    preset = p.parse_args(argv).preset
-    if preset:  # the preset changes the defaults, so the flags given explicitly still win
-        p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
+
+def preset_defaults(args):
+    return PRESETS[args.preset] if args.preset else {}
+
+
+def check_args(args):
     for name in ("upsamp_list", "update_AlphaMask_list"):
         steps = getattr(args, name)
         if any(b <= a for a, b in zip(steps, steps[1:])):
@@ -139,192 +134,11 @@ def parse_args(argv=None):
         fail(f"{args.N_voxel_final} < --N_voxel_init {args.N_voxel_init}", "--N_voxel_final", "grids only grow")
     if args.scene != os.path.basename(args.scene) or args.scene in ("", ".", ".."):
         fail(f"not a scene name: {args.scene!r}", "--scene", "name a folder of <datadir>/nerf_synthetic")
-    args.expname = args.expname or f"tensorf_{args.scene}" + (f"_{preset}" if preset else "")
+    args.expname = args.expname or f"tensorf_{args.scene}" + (f"_{args.preset}" if args.preset else "")
     return args
 
 
-# ---------------------------------------------------------------- data
-SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
-SYNTHETIC_PAGE = "https://drive.google.com/drive/folders/128yBriW1IG_3NJ5Rp7APSTZsJqdJdfc1"  # linked from the NeRF site
-SYNTHETIC_URL = "https://drive.usercontent.google.com/download?id=18JxhpWD-4ZmuFKLzKlAw-w5PpzZxXOcG&export=download&confirm=t"
-
-
-def fetch_synthetic(datadir, url):
-    """Download nerf_synthetic.zip (no checksum is published) with a progress bar, then unpack its scenes into
-    datadir/nerf_synthetic/: each by one rename once complete, no archive member may escape the folder."""
-    target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
-    os.makedirs(datadir, exist_ok=True)
-    try:
-        if not os.path.exists(zip_path):
-            with urllib.request.urlopen(url, timeout=30) as r, open(zip_path + ".part", "wb") as f, tqdm(
-                    total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True, desc="download") as bar:
-                while chunk := r.read(1 << 20):
-                    bar.update(f.write(chunk))
-            os.replace(zip_path + ".part", zip_path)            # complete: only now under its name
-    except (OSError, ValueError, http.client.HTTPException) as e:
-        fail(f"cannot download {url} ({e})", target,
-             f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and unzip it into {datadir}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            members = [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")]
-            if not members or any(not os.path.realpath(os.path.join(tmp, m.filename)).startswith(
-                    os.path.realpath(tmp) + os.sep) for m in z.infolist()):              # no escape from tmp
-                fail("no nerf_synthetic/ folder, or a member outside it", zip_path, f"delete it, get it from {SYNTHETIC_PAGE}")
-            z.extractall(tmp, members)
-    except zipfile.BadZipFile:
-        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
-    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
-        if not os.path.exists(os.path.join(target, scene)):
-            os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
-    shutil.rmtree(tmp)
-    os.remove(zip_path)
-
-
-def to_uint8(image):
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-
-
-def area_resize(image, h, w):
-    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
-    return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
-
-
-def read_rgb(path, half_res, white):
-    """A PNG as float RGB (H, W, 3) in [0, 1] over a white or black background: C = a c + (1 - a) bg."""
-    if not os.path.exists(path):
-        fail("missing image", path, "download the scene again or fix file_path in its transforms file")
-    try:
-        a = np.asarray(iio.imread(path))
-    except Exception as e:  # imageio raises many types for a broken file
-        fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
-    if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
-        fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
-    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
-    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
-    x = area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
-    return x[..., :3] * x[..., 3:] + (1 - x[..., 3:]) * float(white)
-
-
-def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
-    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x and per
-    frame a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: looking down -z, +y up).
-    -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_ids (in transforms_test.json), H, W, focal"""
-    data, shape = {}, None
-    for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
-        path = os.path.join(folder, f"transforms_{name}.json")
-        if not os.path.exists(path):
-            fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
-        try:
-            meta = json.loads(pathlib.Path(path).read_text())
-            frames = meta["frames"][::skip]
-            data[split + "poses"] = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)
-            data[split + "angle"], files = float(meta["camera_angle_x"]), [f["file_path"] for f in frames]
-        except (ValueError, KeyError, TypeError) as e:
-            fail(f"not a Blender transforms file ({type(e).__name__}: {e})", path, "replace the file")
-        if not frames or data[split + "poses"].shape[1:] != (4, 4):
-            fail("expected frames with a 4x4 transform_matrix", path, "replace the file")
-        images = []
-        for file in tqdm(files, desc=f"{name} images", leave=False):
-            file = os.path.normpath(os.path.join(folder, file + ("" if file.endswith(".png") else ".png")))
-            images.append(read_rgb(file, half_res, white_bkgd))
-            if shape and images[-1].shape != shape:
-                fail(f"image of {tuple(images[-1].shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
-            shape = images[-1].shape
-        data[split + "images"] = torch.stack(images)
-    data["test_ids"], (data["H"], data["W"]) = list(range(0, len(data["test_images"]) * testskip, testskip)), shape[:2]
-    data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
-    return data
-
-
-def get_rays(H, W, focal, c2w, ys=None, xs=None):
-    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4)
-    -> world origins, directions (H, W, 3) or (*S, 3). Pixel (y, x) looks along ((x + 0.5 - W/2) / f, -(y + 0.5 - H/2) / f,
-    -1) in the camera frame (the reference code omits the 0.5; Blender renders pixel centres)."""
-    if ys is None:
-        ys, xs = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
-    dirs = torch.stack([(xs + 0.5 - 0.5 * W) / focal, -(ys + 0.5 - 0.5 * H) / focal, -torch.ones_like(xs)], -1).float()
-    rays_d = (c2w[..., :3, :3] @ dirs[..., None])[..., 0]            # d = R d_cam
-    return c2w[..., :3, 3].expand(rays_d.shape), rays_d              # o = camera centre
-
-
-def orbit_pose(azimuth, elevation, radius):
-    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
-    looking at the origin, world +z up (the synthetic scenes' convention)."""
-    a, e = math.radians(float(azimuth)), math.radians(float(elevation))
-    back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
-    right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
-    c2w = torch.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
-    return c2w
-
-
-SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
-           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
-FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
-
-
-def ray_cast(o, d):
-    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene (three spheres on a checkered disc),
-    Lambert-shaded, with a Blinn-Phong highlight on the spheres (a view-dependent colour). -> RGBA (..., 4)."""
-    hits = []                                                           # (t, normal, albedo, specular)
-    for centre, r, colour in SPHERES:
-        oc = o - torch.tensor(centre)
-        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
-        t = -b - disc.clamp(min=0).sqrt()
-        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
-    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
-    p = o + t[..., None] * d
-    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
-    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
-                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
-    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
-    for t, n, a, s in hits:
-        near = t < best
-        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
-        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
-    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
-    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
-    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
-    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
-    return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
-
-
-def make_procedural(folder, size, views=(40, 4, 8)):
-    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
-    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
-    g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, n in zip(("train", "val", "test"), views):
-        os.makedirs(os.path.join(tmp, split))
-        azimuth, elevation = torch.rand(n, generator=g) * 360, 10 + 60 * torch.rand(n, generator=g)
-        if split == "test":
-            azimuth, elevation = torch.arange(n) * 360 / n + 15, torch.full((n,), 30.0)
-        frames = []
-        for i in range(n):
-            c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
-            o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
-            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
-            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
-            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
-            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
-    os.replace(tmp, folder)
-
-
-def load_scene(args):
-    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
-    name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
-    folder = os.path.join(args.datadir, "nerf_synthetic", name)
-    if not os.path.exists(folder) and args.scene == "procedural":
-        make_procedural(folder, args.proc_size)
-    elif not os.path.exists(folder):
-        if args.scene not in SYNTHETIC:
-            fail("no such scene folder", folder, f"use one of {', '.join(SYNTHETIC)} or procedural, or check --datadir")
-        fetch_synthetic(args.datadir, SYNTHETIC_URL)
-    return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
-
-
+# ---------------------------------------------------------------- model
 def ray_box(o, d, aabb):
     """Where rays o + t d (N, 3) enter and leave the box aabb (2, 3), slab method, in [NEAR, FAR] (miss: far <= near)"""
     d = torch.where(d.abs() < 1e-6, torch.full_like(d, 1e-6), d)        # parallel to a face: a huge t, not a NaN
@@ -332,27 +146,7 @@ def ray_box(o, d, aabb):
     return torch.minimum(ta, tb).amax(-1).clamp(NEAR, FAR), torch.maximum(ta, tb).amin(-1).clamp(NEAR, FAR)
 
 
-def rays_in_box(data, aabb):
-    """Flat indices of the training pixels whose rays cross the box: the others only see the background."""
-    n, H, W = data["images"].shape[:3]
-    keep = []
-    for i in tqdm(range(n), desc="rays in box", leave=False):
-        o, d = get_rays(H, W, data["focal"], data["poses"][i])
-        near, far = ray_box(o.view(-1, 3), F.normalize(d.view(-1, 3), dim=-1), aabb.cpu())
-        keep.append(torch.nonzero(far > near)[:, 0] + i * H * W)
-    return torch.cat(keep)
-
-
-def sample_batch(data, pixels, n_rays, g):
-    """n_rays rays (n, 6) and colours (n, 3) drawn with generator g among those pixels, on the CPU."""
-    H, W = data["images"].shape[1:3]
-    k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
-    img, ys, xs = k // (H * W), k // W % H, k % W
-    o, d = get_rays(H, W, data["focal"], data["poses"][img], ys, xs)
-    return torch.cat([o, d], -1), data["images"][img, ys, xs]
-
-
-# ---------------------------------------------------------------- model
+RENDER_OPTIONS = ("step_ratio", "alpha_mask_thre", "rm_weight_mask_thre", "white_bkgd")  # set from flags, not saved
 MAT, VEC = ((0, 1), (0, 2), (1, 2)), (2, 1, 0)  # pair i: a plane over world axes MAT[i], a line along axis VEC[i]
 
 
@@ -532,20 +326,16 @@ class TensorVM(nn.Module):
         self.alpha_mask = self.alpha_mask[span[0], span[1], span[2]].clone()
         self.aabb = torch.stack([self.aabb[0] + lo.to(units) * units, self.aabb[0] + hi.to(units) * units])
 
-    def load_state(self, state):                                        # grids, box and mask: the checkpoint's shapes
+    def load_state_dict(self, state, strict=True):                      # grids, box, mask: the checkpoint's shapes
         for name, value in state.items():
             module, _, leaf = name.rpartition(".")
-            module, old = self.get_submodule(module), getattr(self.get_submodule(module), leaf)
-            if old.shape != value.shape:
-                setattr(module, leaf, nn.Parameter(value.clone()) if isinstance(old, nn.Parameter) else value.clone())
-        self.load_state_dict(state)
+            old = getattr(self.get_submodule(module), leaf, None)
+            if old is not None and old.shape != value.shape:             # resized in place: optimizers keep it
+                old.data = torch.empty_like(value, device=old.device)
+        return super().load_state_dict(state, strict)
 
 
 # ---------------------------------------------------------------- training
-def mse2psnr(mse):
-    return -10 * math.log10(max(float(mse), 1e-10))                    # PSNR = -10 log10(MSE), colours in [0, 1]
-
-
 def make_optimizer(raw, args):
     """Adam with the reference's groups and betas; built anew whenever the grids change shape, as the reference does."""
     grids = [*raw.density_planes, *raw.density_lines, *raw.app_planes, *raw.app_lines]
@@ -566,58 +356,11 @@ def train_step(model, raw, opt, rays, target, u, l1_weight):
     return mse.detach()
 
 
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any fnmatch pattern."""
-    names = [n for n, _ in model.named_parameters()]
-    if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
-        fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
-    if n_train == 0:
-        fail("every parameter is frozen", "--freeze", "match fewer parameters")
-
-
-def pick_devices(args):
-    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
-    if name == "cpu":
-        return torch.device("cpu"), []
-    n, first = torch.cuda.device_count(), int(name[5:] or 0)
-    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
-    if n == 0 or any(not str(i).isdigit() or int(i) >= n for i in gpus):
-        fail(f"{n} GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or use --device cpu")
-    return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
-
-
-def atomic(path, write):
-    """write(tmp) then rename: a crash or Ctrl-C never leaves a half-written file at path."""
-    root, ext = os.path.splitext(path)
-    write(f"{root}.tmp{ext}")
-    os.replace(f"{root}.tmp{ext}", path)
-
-
-def write_text(path, text):
-    atomic(path, lambda p: pathlib.Path(p).write_text(text))
-
-
-def load_checkpoint(path, device):
-    """A tiny_tensorf checkpoint as a dict, or a one-line error."""
-    if not os.path.exists(path):
-        fail("no such checkpoint", path, "train first, or pass --ckpt PATH")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch.load raises many types for a foreign or damaged file
-        fail(f"not a readable checkpoint ({type(e).__name__})", path, "pass a ckpt.pt written by tiny_tensorf.py")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_tensorf":
-        fail("not a tiny_tensorf checkpoint", path, "pass a ckpt.pt written by tiny_tensorf.py")
-    return ckpt
-
-
 # ---------------------------------------------------------------- evaluation & outputs
+def mse2psnr(mse):
+    return -10 * math.log10(max(float(mse), 1e-10))                    # PSNR = -10 log10(MSE), colours in [0, 1]
+
+
 def ssim(a, b):
     """SSIM (Wang et al. 2004) of images (H, W, 3) in [0, 1]: means, variances and covariance under an 11x11
     Gaussian window of sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, averaged over the valid pixels and the channels."""
@@ -639,30 +382,27 @@ def render_image(model, H, W, focal, c2w, chunk, device):
     return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
 
 
-def render_testset(model, data, args, expdir, step, device):
-    """Every test view to testset_<step>/r_<i>.png (i: its index in transforms_test.json), scored against the
-    ground truth (composited alike; area-downsampled with --render_factor): mean and per-view PSNR, SSIM."""
+def render_testset(model, data, args, folder, step, device):
+    """Every test view to folder/<stem>.png (stem: its ground truth's file name), scored against the ground truth
+    (composited alike; area-downsampled with --render_factor): mean and per-view PSNR and SSIM in metrics.json."""
     f = args.render_factor or 1
     H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
-    folder = os.path.join(expdir, f"testset_{step}")
     os.makedirs(folder, exist_ok=True)
     views = {}
-    bar = tqdm(list(zip(data["test_ids"], data["test_images"], data["test_poses"])), desc="test views", leave=False)
-    for i, gt, c2w in bar:
+    for name, gt, c2w in tqdm(list(zip(data["test_names"], data["test_images"], data["test_poses"])), "test views"):
         rgb = render_image(model, H, W, focal, c2w, args.chunk, device)[..., :3].clamp(0, 1)
         gt = area_resize(gt, H, W) if f > 1 else gt
-        views[str(i)] = {"psnr": mse2psnr(((rgb - gt) ** 2).mean()), "ssim": ssim(rgb, gt)}
-        atomic(os.path.join(folder, f"r_{i}.png"), lambda p: iio.imwrite(p, to_uint8(rgb)))
-        bar.set_postfix(psnr=f"{views[str(i)]['psnr']:.2f}")
+        views[name] = {"psnr": mse2psnr(((rgb - gt) ** 2).mean()), "ssim": ssim(rgb, gt)}
+        save_png(os.path.join(folder, f"{name}.png"), to_uint8(rgb))
     mean = {key: float(np.mean([v[key] for v in views.values()])) for key in ("psnr", "ssim")}
     result = {"step": step, **mean, "views": len(views), "size": [H, W], "per_view": views}
     write_text(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1))
     return result
 
 
-def render_video(model, data, args, expdir, step, device, frames=40):
-    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, written as
-    video_<step>.mp4 when imageio has a video writer (PyAV or imageio-ffmpeg), else video_<step>.gif."""
+def render_video(model, data, args, path, device, frames=40):
+    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, to path.mp4 when
+    imageio has a video writer (PyAV or imageio-ffmpeg), else path.gif. -> the file written."""
     f = args.video_factor or args.render_factor or 1
     H, W, focal = data["H"] // f // 2 * 2, data["W"] // f // 2 * 2, data["focal"] / f  # even sizes for H.264
     radius = data["poses"][:, :3, 3].norm(dim=-1).median().item()
@@ -671,77 +411,508 @@ def render_video(model, data, args, expdir, step, device, frames=40):
     disp = out[..., 4:5] * out[..., 5:6]                                # empty space black
     video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
     mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
-    path = os.path.join(expdir, f"video_{step}.{'mp4' if mp4 else 'gif'}")
-    kwargs = dict(fps=30, codec="libx264") if mp4 else dict(duration=1000 / 30, loop=0)
-    atomic(path, lambda p: iio.imwrite(p, video, **kwargs))
+    path += ".mp4" if mp4 else ".gif"
+    atomic(path, lambda p: iio.imwrite(p, video, **(dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0))))
     return path
+
+
+def finish(model, data, args, outdir, step, seconds, device):
+    """The end of a run: outdir/testset_<step>/ and outdir/video_<step>.mp4, the time they take said first; final.json
+    and the summary line. -> the test figures."""
+    f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
+    rays = len(data["test_images"]) * (data["H"] // f) * (data["W"] // f) + 40 * (data["H"] // g) * (data["W"] // g)
+    tic = time.time()
+    render_image(model, 1, min(args.chunk, 4096), data["focal"], data["test_poses"][0], args.chunk, device)
+    print(f"rendering {len(data['test_images'])} test views and a video, {rays:,} rays: about "
+          f"{(time.time() - tic) * rays / min(args.chunk, 4096):.0f} s")
+    test = render_testset(model, data, args, os.path.join(outdir, f"testset_{step}"), step, device)
+    video = render_video(model, data, args, os.path.join(outdir, f"video_{step}"), device)
+    final = {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
+    write_text(os.path.join(outdir, "final.json"), json.dumps(final, indent=1))
+    print(f"wrote {os.path.join(outdir, f'testset_{step}')}/ and {video}")
+    print(f"test PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f} over {test['views']} views")
+    return final
+
+
+def render_only(args, data, device, gpus, expdir, model_class):
+    """--render_only: test views and video of a checkpoint in <expdir>/render_only_<step>/, apart from its run's."""
+    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    ckpt = load_checkpoint(path, device)
+    raw = model_class(**ckpt["model_args"])
+    raw.load_state_dict(ckpt["model"])
+    for key in RENDER_OPTIONS:
+        setattr(raw, key, getattr(args, key))
+    model = nn.DataParallel(raw.to(device), device_ids=gpus) if len(gpus) > 1 else raw.to(device)
+    return finish(model, data, args, os.path.join(expdir, f"render_only_{ckpt['step']}"), ckpt["step"], 0.0, device)
+
+
+# ---------------------------------------------------------------- data
+SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
+SYNTHETIC_PAGE = "https://drive.google.com/drive/folders/128yBriW1IG_3NJ5Rp7APSTZsJqdJdfc1"  # linked from the NeRF site
+SYNTHETIC_URL = ("https://drive.usercontent.google.com/download?id=18JxhpWD-4ZmuFKLzKlAw-w5PpzZxXOcG"
+                 "&export=download&confirm=t")
+
+
+def fetch_synthetic(datadir, url):
+    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/: each scene by one rename once
+    complete, and no archive member may escape the folder."""
+    target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
+    try:
+        os.makedirs(datadir, exist_ok=True)
+        if not os.path.exists(zip_path):
+            download(url, zip_path)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
+             f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            members = [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")]
+            if not members or any(not os.path.realpath(os.path.join(tmp, m.filename)).startswith(
+                    os.path.realpath(tmp) + os.sep) for m in z.infolist()):              # no escape from tmp
+                fail("no nerf_synthetic/ folder, or a member outside it", zip_path, f"delete it, get it from {SYNTHETIC_PAGE}")
+            z.extractall(tmp, members)
+    except zipfile.BadZipFile:
+        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
+    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
+        if not os.path.exists(os.path.join(target, scene)):
+            os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
+    shutil.rmtree(tmp)
+    os.remove(zip_path)
+
+
+def composite(rgba, white):
+    """RGBA (..., 4) straight alpha -> RGB (..., 3) over a white or black background: C = a c + (1 - a) bg."""
+    return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
+
+
+def area_resize(image, h, w):
+    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
+    return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
+
+
+def read_rgba(path, half_res):
+    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+    try:
+        a = np.asarray(iio.imread(path))
+    except FileNotFoundError:
+        fail("missing image", path, "download the scene again or fix file_path in its transforms file")
+    except Exception as e:                                              # imageio raises many types for a broken file
+        fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
+        fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
+    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
+    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
+    return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
+
+
+def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
+    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x and,
+    per frame, a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the camera
+    looks down its -z axis, +y up). -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses,
+    test_names (the ground truth's file stems), H, W, focal."""
+    data, shape = {}, None
+    for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
+        path = os.path.join(folder, f"transforms_{name}.json")
+        try:                                                            # every number read is checked here
+            meta = json.loads(pathlib.Path(path).read_text())
+            frames, angle = meta["frames"][::skip], float(meta["camera_angle_x"])
+            poses = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)
+            if not frames or poses.shape[1:] != (4, 4) or not poses.isfinite().all() or not 0 < angle < math.pi:
+                raise ValueError("needs frames with a finite 4x4 transform_matrix, and 0 < camera_angle_x < pi")
+            files = [os.path.normpath(os.path.join(folder, f["file_path"])) for f in frames]
+            files = [file if file.endswith(".png") else file + ".png" for file in files]   # Blender: no extension
+        except FileNotFoundError:
+            fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"not a usable Blender transforms file ({type(e).__name__}: {e})", path, "fix or replace the file")
+        images = []
+        for file in tqdm(files, desc=f"{name} images", leave=False):
+            rgba = read_rgba(file, half_res)
+            if shape and rgba.shape != shape:
+                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+            shape = rgba.shape
+            images.append(composite(rgba, white_bkgd))
+        data[split + "images"], data[split + "poses"], data[split + "angle"] = torch.stack(images), poses, angle
+    data["test_names"], (data["H"], data["W"]) = [os.path.basename(f).removesuffix(".png") for f in files], shape[:2]
+    data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
+    return data
+
+
+def get_rays(H, W, focal, c2w, ys=None, xs=None):
+    """Rays through the centres of all H x W pixels, or of pixels (ys, xs) of any shape S with c2w (4, 4) or (*S, 4, 4).
+    -> origins, directions (H, W, 3) or (*S, 3), world frame. Pixel (y, x) looks along ((x + 0.5 - W/2) / f,
+    -(y + 0.5 - H/2) / f, -1) in the camera frame (the reference code omits the 0.5; Blender renders centres)."""
+    if ys is None:
+        ys, xs = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
+    dirs = torch.stack([(xs + 0.5 - 0.5 * W) / focal, -(ys + 0.5 - 0.5 * H) / focal, -torch.ones_like(xs)], -1).float()
+    rays_d = (c2w[..., :3, :3] @ dirs[..., None])[..., 0]            # d = R d_cam
+    return c2w[..., :3, 3].expand(rays_d.shape), rays_d              # o = camera centre
+
+
+def orbit_pose(azimuth, elevation, radius):
+    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
+    looking at the origin, world +z up (the synthetic scenes' convention)."""
+    a, e = math.radians(float(azimuth)), math.radians(float(elevation))
+    back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
+    right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
+    c2w = torch.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
+    return c2w
+
+
+SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
+           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
+BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
+FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
+
+
+def ray_cast(o, d):
+    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
+    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
+    hits = []                                                           # (t, normal, albedo, specular)
+    for centre, r, colour in SPHERES:
+        oc = o - torch.tensor(centre)
+        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
+        t = -b - disc.clamp(min=0).sqrt()
+        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
+    lo, hi, colour = (torch.tensor(v) for v in BOX)
+    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
+    t_in, axis = torch.minimum(t1, t2).max(-1)
+    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
+    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
+    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
+    p = o + t[..., None] * d
+    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
+    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
+                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
+    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
+    for t, n, a, s in hits:
+        near = t < best
+        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
+        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
+    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
+    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
+    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
+    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
+    return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
+
+
+def make_procedural(folder, size, views=(40, 4, 8)):
+    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
+    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
+    g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, n in zip(("train", "val", "test"), views):
+        os.makedirs(os.path.join(tmp, split))
+        azimuth, elevation = torch.rand(n, generator=g) * 360, 10 + 60 * torch.rand(n, generator=g)
+        if split == "test":
+            azimuth, elevation = torch.arange(n) * 360 / n + 15, torch.full((n,), 30.0)
+        frames = []
+        for i in range(n):
+            c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
+            o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
+            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
+            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
+            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    os.replace(tmp, folder)
+
+
+def load_scene(args):
+    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
+    name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
+    folder = os.path.join(args.datadir, "nerf_synthetic", name)
+    if not os.path.exists(folder) and args.scene == "procedural":
+        make_procedural(folder, args.proc_size)
+    elif not os.path.exists(folder):
+        if args.scene not in SYNTHETIC:
+            fail("no such scene folder", folder, f"use one of {', '.join(SYNTHETIC)} or procedural, or check --datadir")
+        fetch_synthetic(args.datadir, args.data_url or SYNTHETIC_URL)
+    return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
+
+
+def rays_in_box(data, aabb):
+    """Flat indices of the training pixels whose rays cross the box: the others only see the background."""
+    n, H, W = data["images"].shape[:3]
+    keep = []
+    for i in tqdm(range(n), desc="rays in box", leave=False):
+        o, d = get_rays(H, W, data["focal"], data["poses"][i])
+        near, far = ray_box(o.view(-1, 3), F.normalize(d.view(-1, 3), dim=-1), aabb.cpu())
+        keep.append(torch.nonzero(far > near)[:, 0] + i * H * W)
+    return torch.cat(keep)
+
+
+def sample_batch(data, pixels, n_rays, g):
+    """n_rays rays (n, 6) and colours (n, 3) drawn with generator g among those pixels, on the CPU."""
+    H, W = data["images"].shape[1:3]
+    k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
+    img, ys, xs = k // (H * W), k // W % H, k % W
+    o, d = get_rays(H, W, data["focal"], data["poses"][img], ys, xs)
+    return torch.cat([o, d], -1), data["images"][img, ys, xs]
+
+
+# ---------------------------------------------------------------- harness (identical in all four scripts)
+# Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
+# in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
+# get_parser, preset_defaults and check_args are each script's own.
+def fail(what, where, fix):
+    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {what} ({where}): {fix}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
+
+    def error(self, message):
+        hints = []
+        for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
+            close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
+            hints.append(f"{flag} is {ALIASES[flag]} here" if flag in ALIASES else
+                         f"did you mean {' or '.join(close)}?" if close else f"{flag} has no equivalent here")
+        fail(message, "command line", "; ".join(hints + [f"see python {SCRIPT}.py --help"]))
+
+
+def positive(kind, zero=False):                                         # an argparse type: > 0, or >= 0
+    def check(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
+        return value
+    return check
+
+
+def parse_args(argv=None):
+    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+    parser = get_parser()
+    parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
+    args = check_args(parser.parse_args(argv))
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("the tensorboard package is not installed", "--tensorboard", "pip install tensorboard, or drop the flag")
+    return args
+
+
+def pick_devices(args):
+    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name) or name == "cpu" and args.gpus:
+        fail(f"no such device, or --gpus on the CPU: {name} {args.gpus or ''}", "--device", "use auto, cpu, cuda[:N]")
+    if name == "cpu":
+        return torch.device("cpu"), []
+    n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
+    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+        fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or --device cpu")
+    torch.cuda.set_device(int(gpus[0]))
+    return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
+
+
+def freeze(model, patterns):
+    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+    names = [n for n, _ in model.named_parameters()]
+    if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
+        fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0 or patterns:
+        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
+    if n_train == 0:
+        fail("every parameter is frozen", "--freeze", "match fewer parameters")
+
+
+def atomic(path, write):                                                # write(tmp), rename: never half a file
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+def write_text(path, text):
+    atomic(path, lambda p: pathlib.Path(p).write_text(text))
+
+
+def save_png(path, pixels):
+    atomic(path, lambda p: iio.imwrite(p, pixels))
+
+
+def to_uint8(x):                                                        # [0, 1] -> uint8 numpy: pictures, video
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def make_expdir(args):
+    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+    expdir = os.path.join(args.basedir, args.expname)
+    try:
+        os.makedirs(expdir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
+    if not os.access(expdir, os.W_OK):
+        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+    return expdir
+
+
+def download(url, path, md5=None):
+    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+    tmp, digest = path + ".part", hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True) as bar:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                bar.update(f.write(chunk))
+        if md5 and digest.hexdigest() != md5:
+            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fingerprint(name, *tensors):                                        # what a run trains on, for its checkpoint
+    return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
+
+
+def save_checkpoint(path, model, optimizers, step, state, args, data):
+    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+    atomic(path, lambda p: torch.save({
+        "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
+        "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}, "rng": rng, "args": vars(args),
+        "data": data}, p))
+
+
+def load_checkpoint(path, device):
+    """A checkpoint this script wrote, as a dict, or a one-line error."""
+    if not os.path.isfile(path):
+        fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:                                              # many types for a foreign or damaged file
+        fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
+        fail(f"not a {SCRIPT} checkpoint, or an old one", path, f"pass one written by this {SCRIPT}.py, or --no_reload")
+    return ckpt
+
+
+def resume(args, expdir, model, optimizers, state, data, device):
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
+    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    if not args.ckpt and (args.no_reload or not os.path.exists(path)):
+        return 0
+    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    for key, value in model.config.items():
+        if ckpt["model_args"].get(key) != value:
+            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if ckpt["data"]["sha1"] != data["sha1"]:
+        fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
+    for key, opt in optimizers.items():
+        if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
+            fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
+        opt.load_state_dict(ckpt["optimizers"][key])
+    model.load_state_dict(ckpt["model"])
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    state.update(ckpt["state"])
+    print(f"resumed {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+class Run:
+    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
+    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
+    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+
+    def __init__(self, args, expdir, step, steps, seconds, flag):
+        self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
+        old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
+        write_text(self.path, "".join(f"{line}\n" for line in old if line.endswith("}") and json.loads(line)["step"]
+                                      <= step))                         # ("}": not a line cut short by a crash)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(expdir, purge_step=step)
+        self.bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+        self.steps, self.budget = steps, (args.max_minutes or math.inf) * 60
+        if step >= steps or seconds >= self.budget:
+            why = f"its {steps} steps are done: raise {flag}" if step >= steps else "--max_minutes is spent: raise it"
+            self.bar.write(f"nothing left to train at step {step}, evaluating; {why} to train on, or --no_reload")
+
+    def over(self, seconds):                                            # Ctrl-C, or the time budget is spent
+        return self.stopped or seconds >= self.budget
+
+    def advance(self, step, seconds, **postfix):
+        if self.budget < math.inf and step > self.bar.initial:          # steps per second in this session so far
+            rate = (step - self.bar.initial) / max(time.time() - self.bar.start_t, 1e-9)
+            self.bar.total = min(self.steps, step + round(rate * max(self.budget - seconds, 0)))
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items() if self.board else ():
+            if key != "step" and isinstance(value, (int, float)):
+                self.board.add_scalar(key, value, record["step"])
+        if self.board and image is not None:
+            image = iio.imread(image) if isinstance(image, str) else image
+            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
+        if self.board:
+            self.board.flush()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # only it can catch signals
+            self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame):
+        self.stopped = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def interrupted(step, path):                                            # after Ctrl-C: one line, exit status 130
+    print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     device, gpus = pick_devices(args)
-    expdir, data = os.path.join(args.basedir, args.expname), load_scene(args)
-    ckpt_path = args.ckpt or os.path.join(expdir, "ckpt.pt")
-    config = {k: getattr(args, k) for k in ("n_lamb_sigma", "n_lamb_sh", "data_dim_color", "featureC", "fea_pe",
-                                            "view_pe", "density_shift", "distance_scale")}
-    raw, ckpt = TensorVM([round(args.N_voxel_init ** (1 / 3))] * 3, **config), None
-    if args.render_only or args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):
-        ckpt = load_checkpoint(ckpt_path, device)
-        raw = TensorVM((2, 2, 2), **ckpt["model_args"]) if args.render_only else raw  # rendering: the checkpoint's model
-        for key, value in raw.config.items():
-            if ckpt["model_args"][key] != value:
-                fail(f"checkpoint has {key}={ckpt['model_args'][key]}, this run {value}", ckpt_path,
-                     "use the same flags, --no_reload to start fresh, or another --expname")
-        raw.load_state(ckpt["model"])
-    raw.to(device)
-    for key in ("step_ratio", "alpha_mask_thre", "rm_weight_mask_thre", "white_bkgd"):  # rendering options, not saved
-        setattr(raw, key, getattr(args, key))
-    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
+    expdir = make_expdir(args)
+    torch.manual_seed(args.seed)
+    data = load_scene(args)
     print(f"{len(data['images'])} train / {len(data['test_images'])} test views of {data['H']}x{data['W']}, "
-          f"focal {data['focal']:.1f}, grid {'x'.join(map(str, raw.reso()))}, {device}")
-    os.makedirs(expdir, exist_ok=True)
+          f"focal {data['focal']:.1f}, {device}")
     if args.render_only:
-        return finish(model, data, args, expdir, ckpt["step"], ckpt["seconds"], device)
+        return render_only(args, data, device, gpus, expdir, TensorVM)
 
+    # model and optimizer, resumed from the run's checkpoint (grids, box and mask of its shapes) if it has one
+    raw = TensorVM([round(args.N_voxel_init ** (1 / 3))] * 3, args.n_lamb_sigma, args.n_lamb_sh, args.data_dim_color,
+                   args.featureC, args.fea_pe, args.view_pe, args.density_shift, args.distance_scale).to(device)
+    for key in RENDER_OPTIONS:
+        setattr(raw, key, getattr(args, key))
     opt = make_optimizer(raw, args)
-    step, seconds, running, lr_reset = 0, 0.0, torch.zeros(2), 0.0      # MSE sum and steps since the last log line
-    if ckpt is not None:                                                # resume the same run
-        opt.load_state_dict(ckpt["optimizer"])
-        step, seconds, running, lr_reset = ckpt["step"], ckpt["seconds"], ckpt["running"].cpu(), ckpt["lr_reset"]
-        torch.set_rng_state(ckpt["rng"].cpu())
-        print(f"resumed from {ckpt_path} at step {step}")
-    if args.freeze:
-        freeze(raw, args.freeze)
+    state = {"seconds": 0.0, "sums": torch.zeros(2), "lr_reset": 0.0}  # sums: MSE and steps since the last log line
+    scene = fingerprint(f"{args.scene}, {len(data['images'])} views", data["images"], data["poses"])
+    step = resume(args, expdir, raw, {"adam": opt}, state, scene, device)
+    freeze(raw, args.freeze)
+    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
-    metrics_path = os.path.join(expdir, "metrics.jsonl")
-    old = pathlib.Path(metrics_path).read_text().splitlines() if os.path.exists(metrics_path) and step else []
-    write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+    print(f"grid {'x'.join(map(str, raw.reso()))}")
 
-    def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def save_checkpoint():
-        atomic(os.path.join(expdir, "ckpt.pt"), lambda p: torch.save({
-            "script": "tiny_tensorf", "model_args": raw.config, "model": raw.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "seconds": seconds, "running": running, "lr_reset": lr_reset, "rng": torch.get_rng_state(),
-            "args": vars(args)}, p))
-
-    stop = []                                                           # Ctrl-C: finish the step, save, exit
-
-    def on_ctrl_c(*_):
-        stop.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
-    previous = signal.signal(signal.SIGINT, on_ctrl_c) if threading.current_thread() is threading.main_thread() else None
+    # train: a step's rays and jitter depend on (seed, step) only; the grids grow and the box shrinks on schedule
     voxels = dict(zip(args.upsamp_list, np.geomspace(args.N_voxel_init, args.N_voxel_final, len(args.upsamp_list) + 1)[1:]))
-    masks, pixels = args.update_AlphaMask_list, rays_in_box(data, raw.aabb)
-    budget, test, video, since = (args.max_minutes or math.inf) * 60, None, None, (seconds, step)
-    progress = lambda: max(step / args.N_iters, seconds / budget)      # noqa: E731  schedule position, 0 ... 1
-    bar = tqdm(total=args.N_iters, initial=step, desc="train", dynamic_ncols=True)
-    try:
-        while step < args.N_iters and seconds < budget and not stop:   # the budget counts training steps only
-            tic = time.time()
+    masks, pixels, ckpt_path = args.update_AlphaMask_list, rays_in_box(data, raw.aabb), os.path.join(expdir, "ckpt.pt")
+    start = time.time() - state["seconds"]
+    with Run(args, expdir, step, args.N_iters, state["seconds"], "--N_iters") as run:
+        progress = lambda: max(step / args.N_iters, state["seconds"] / run.budget)  # noqa: E731  the schedule, 0 ... 1
+        while step < args.N_iters and not run.over(state["seconds"]):
             if step in masks or step in voxels:                         # the grids change shape: a new optimizer
                 if step in masks:                                       # the reference shrinks only at the first;
                     kept = raw.update_alpha_mask()                      # masked voxels never get a gradient again,
@@ -749,57 +920,44 @@ def main(argv=None):
                     pixels = rays_in_box(data, raw.aabb)
                     tqdm.write(f"[{step}] alpha mask keeps {kept:.1%} of the voxels, box {raw.aabb.tolist()}")
                 if step in voxels:
-                    lr_reset = progress() if args.lr_upsample_reset else 0.0
+                    state["lr_reset"] = progress() if args.lr_upsample_reset else 0.0
                     tqdm.write(f"[{step}] grid upsampled to {'x'.join(map(str, raw.upsample(voxels[step])))}")
                 opt = make_optimizer(raw, args)
-            decay = args.lr_decay_target_ratio ** (progress() - lr_reset)  # 1 -> target ratio over training
+            decay = args.lr_decay_target_ratio ** (progress() - state["lr_reset"])  # 1 -> target ratio over training
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
-            g = torch.Generator().manual_seed(args.seed * 1000003 + step)  # a step's draws depend on (seed, step) only
+            g = torch.Generator().manual_seed(args.seed * 1000003 + step)
             rays, target = sample_batch(data, pixels, args.batch_size, g)
             u = torch.rand(len(rays), generator=g)
             l1 = args.L1_weight_inital if not masks or step < masks[0] else args.L1_weight_rest
             mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1).cpu()
-            step, seconds = step + 1, seconds + time.time() - tic
-            running += torch.stack([mse, torch.ones(())])
-            bar.update()
-            bar.set_postfix(psnr=f"{mse2psnr(mse):.2f}", refresh=False)
+            state["sums"] += torch.stack([mse, torch.ones(())])
+            step, state["seconds"] = step + 1, time.time() - start
+            run.advance(step, state["seconds"], psnr=f"{mse2psnr(mse):.2f}")
             if step % args.i_print == 0 or step == args.N_iters:
-                m, rays_per_s = running[0] / running[1], (step - since[1]) * args.batch_size / max(seconds - since[0], 1e-9)
-                log({"step": step, "mse": m.item(), "psnr": mse2psnr(m), "lr": opt.param_groups[0]["lr"], "reso": raw.reso(),
-                     "rays_per_s": round(rays_per_s), "seconds": round(seconds, 2)})
-                tqdm.write(f"[{step}] mse {m:.5f} psnr {mse2psnr(m):.2f} lr {opt.param_groups[0]['lr']:.2e}")
-                running, since = torch.zeros_like(running), (seconds, step)
+                m = state["sums"][0] / state["sums"][1]
+                run.log({"step": step, "mse": m.item(), "psnr": mse2psnr(m), "lr": opt.param_groups[0]["lr"],
+                         "reso": raw.reso(), "seconds": round(state["seconds"], 2)})
+                state["sums"].zero_()
             if step % args.i_weights == 0:
-                save_checkpoint()
-            if step % args.i_testset == 0 and step < args.N_iters:
-                test = render_testset(model, data, args, expdir, step, device)
-                log({"step": step, "test_psnr": test["psnr"], "test_ssim": test["ssim"]})
-            if step % args.i_video == 0 and step < args.N_iters:
-                video = step, render_video(model, data, args, expdir, step, device)
-    finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    save_checkpoint()
-    if stop:
-        raise SystemExit(f"interrupted at step {step}: saved {expdir}/ckpt.pt; run the same command to resume")
-    final = finish(model, data, args, expdir, step, seconds, device, test, video)
-    if not (test and test["step"] == step):
-        log({"step": step, "test_psnr": final["psnr"], "test_ssim": final["ssim"]})
+                save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)
+            if step % args.i_testset == 0 and step < args.N_iters and not run.over(state["seconds"]):
+                test = render_testset(model, data, args, os.path.join(expdir, f"testset_{step}"), step, device)
+                run.log({"step": step, "test_psnr": test["psnr"], "test_ssim": test["ssim"]},
+                        os.path.join(expdir, f"testset_{step}", data["test_names"][0] + ".png"))
+            if step % args.i_video == 0 and step < args.N_iters and not run.over(state["seconds"]):
+                render_video(model, data, args, os.path.join(expdir, f"video_{step}"), device)
+    save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)
+    if run.stopped:
+        interrupted(step, ckpt_path)
+    final = finish(model, data, args, expdir, step, state["seconds"], device)
+    run.log({"step": step, "test_psnr": final["psnr"], "test_ssim": final["ssim"]},
+            os.path.join(expdir, f"testset_{step}", data["test_names"][0] + ".png"))
     return final
-
-
-def finish(model, data, args, expdir, step, seconds, device, test=None, video=None):
-    """The end of a run: test views and video of this step unless just written, then the summary line."""
-    test = test if test and test["step"] == step else render_testset(model, data, args, expdir, step, device)
-    video = video[1] if video and video[0] == step else render_video(model, data, args, expdir, step, device)
-    print(f"wrote {os.path.join(expdir, f'testset_{step}')}/ and {video}")
-    print(f"test PSNR {test['psnr']:.2f} dB, SSIM {test['ssim']:.3f} over {test['views']} views")
-    return {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
 
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # outside training, where ckpt.pt is saved first: nothing to save
-        raise SystemExit("interrupted")
+    except KeyboardInterrupt:                                           # outside the training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)

@@ -1,31 +1,36 @@
 """tiny_vae.py: a variational autoencoder in one file.
 
-Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (arXiv:1312.6114).
-The encoder maps an image x to q(z|x) = N(mu, diag(sigma^2)); z = mu + sigma * eps with
-eps ~ N(0, I) (the reparameterisation trick, sec. 2.4); the decoder maps z to p(x|z).
-Training maximises the evidence lower bound, reported as its negative in nats per image:
-    -ELBO(x) = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I)).
-At the end, an importance-weighted estimate of -log p(x) (Burda et al. 2016) tightens it.
+Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (arXiv:1312.6114). The encoder maps an image x to
+q(z|x) = N(mu, diag(sigma^2)); z = mu + sigma * eps with eps ~ N(0, I) (the reparameterisation trick, sec. 2.4); the
+decoder maps z to p(x|z). Training maximises the evidence lower bound, reported as its negative in nats per image,
+    -ELBO(x) = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I)),
+and at the end an importance-weighted estimate of -log p(x) (Burda et al. 2016) tightens it.
 
-Usage:
     python tiny_vae.py                                        # MNIST, downloaded to data/mnist/
     python tiny_vae.py --datadir ../shared/data/mnist_small   # an offline copy of real digits
     python tiny_vae.py --dataset shapes                       # procedural images, no network
     python tiny_vae.py --dataset folder --datadir my_images --image_size 32 --likelihood gaussian
     python tiny_vae.py --arch mlp                             # the classic 784-400-20 VAE
-    python tiny_vae.py --sample_only 64                       # prior samples from the checkpoint
-Outputs go to logs/<expname>/ (args.json, ckpt.pt, best.pt, metrics.jsonl, PNG grids).
+    python tiny_vae.py --sample_only 64                       # prior samples from the best checkpoint
+Sections: arguments, model, loss, training, evaluation & outputs, data, harness (the same in the four scripts), main.
+Outputs in logs/<expname>/: args.json, ckpt.pt, best.pt, metrics.jsonl, final.json, PNG grids.
 """
 import argparse
+import difflib
 import fnmatch
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
+import signal
 import struct
+import sys
+import threading
 import time
 import urllib.request
 
@@ -36,262 +41,73 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+SCRIPT = "tiny_vae"
 LOG_2PI = math.log(2 * math.pi)
 
 
-def fail(what, where, fix):
-    """A user error: one line on stderr, exit status 1, no traceback."""
-    raise SystemExit(f"error: {what} ({where}): {fix}")
-
-
 # ---------------------------------------------------------------- arguments
-ARCH_DEFAULTS = {"conv": dict(latent_dim=16, hidden=32, lr=3e-3, lr_decay=0.94),
-                 "mlp": dict(latent_dim=20, hidden=400, lr=1e-3, lr_decay=1.0)}  # mlp: the PyTorch example
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        fail(message, "command line", "see python tiny_vae.py --help")
-
-
-def positive(kind):
-    def check(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
+ARCH_DEFAULTS = {"conv": {}, "mlp": dict(latent_dim=20, hidden=400, lr=1e-3, lr_decay=1.0)}  # mlp: the PyTorch example
+ALIASES = {"--no-cuda": "--device cpu", "--no-mps": "--device cpu", "--log-interval": "a metrics.jsonl line per epoch",
+           "--z_dim": "--latent_dim", "--nz": "--latent_dim", "--dataroot": "--datadir", "--learning_rate": "--lr"}
 
 
 def get_parser():
-    p = Parser(description="Variational autoencoder in one file.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Variational autoencoder in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pint = positive(int)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist", choices=["mnist", "fashion", "folder", "shapes"],
                    help="mnist/fashion: idx files (downloaded); folder: any PNG/JPG images; shapes: procedural")
-    g.add_argument("--datadir", default="data",
-                   help="data root holding mnist/ or fashion/; for --dataset folder, the image folder")
-    g.add_argument("--data_url", default=None,
-                   help="base URL of the idx .gz files (default: the dataset's official mirrors)")
-    g.add_argument("--image_size", type=positive(int), default=28, help="folder images are resized to this")
-    g.add_argument("--val_frac", type=float, default=0.1,
-                   help="share of the training images held out to choose the best checkpoint")
+    g.add_argument("--datadir", default="data", help="data root holding mnist/ or fashion/; for folder, the images")
+    g.add_argument("--data_url", default=None, help="base URL of the idx .gz files (default: the official mirrors)")
+    g.add_argument("--image_size", type=pint, default=28, help="folder images are resized to this")
+    g.add_argument("--val_frac", type=float, default=0.1, help="share of the training images that choose best.pt")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="conv encoder/decoder, or the classic MLP")
-    g.add_argument("--latent_dim", type=positive(int), default=None, help="size of z (default: 16 conv, 20 mlp)")
-    g.add_argument("--hidden", type=positive(int), default=None,
-                   help="conv: channels of the first layer, doubled per stride; mlp: hidden units (default: 32 conv, 400 mlp)")
+    g.add_argument("--arch", default="conv", choices=sorted(ARCH_DEFAULTS), help="conv, or the classic MLP")
+    g.add_argument("--latent_dim", type=pint, default=16, help="size of z (mlp: 20)")
+    g.add_argument("--hidden", type=pint, default=32, help="conv: channels of layer 1, doubled per stride; mlp: 400 units")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
-                   help="p(x|z): Bernoulli logits for [0, 1] pixels, or Gaussian with a learned scale for natural images")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE, Higgins et al. 2017)")
+                   help="p(x|z): Bernoulli logits for [0, 1] pixels, or Gaussian with a learned scale (photographs)")
+    g.add_argument("--beta", type=positive(float, zero=True), default=1.0, help="weight of the KL term (beta-VAE)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive(int), default=50, help="passes over the training images")
-    g.add_argument("--batch_size", type=positive(int), default=128, help="images per step (split over --gpus)")
-    g.add_argument("--lr", type=positive(float), default=None, help="Adam learning rate of the first epoch "
-                   "(default: 3e-3 conv, 1e-3 mlp)")
-    g.add_argument("--lr_decay", type=positive(float), default=None,
-                   help="the learning rate is lr * lr_decay^epoch (default: 0.94 conv, 1 mlp)")
-    g.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for training (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on)")
-    g.add_argument("--max_minutes", type=positive(float), default=None,
-                   help="stop training after this many minutes of wall-clock time, then evaluate as usual")
-    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN",
-                   help="freeze parameters whose names match these fnmatch patterns, e.g. 'encoder.*'")
+    g.add_argument("--epochs", type=pint, default=50, help="passes over the training images")
+    g.add_argument("--batch_size", type=pint, default=128, help="images per step (split over --gpus)")
+    g.add_argument("--lr", type=positive(float), default=3e-3, help="Adam learning rate of the first epoch (mlp: 1e-3)")
+    g.add_argument("--lr_decay", type=positive(float), default=0.94, help="lr x lr_decay^epoch (mlp: 1)")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then evaluate as usual")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'encoder.*'")
     g = p.add_argument_group("evaluation and outputs")
-    g.add_argument("--iw_samples", type=positive(int), default=100,
-                   help="K, importance samples per test image for the final -log p(x) estimate")
-    g.add_argument("--sample_only", type=positive(int), default=None, metavar="N",
-                   help="write N prior samples (samples.png, samples.npy) from the checkpoint and exit")
+    g.add_argument("--iw_samples", type=pint, default=100, help="K, importance samples per test image for -log p(x)")
+    g.add_argument("--sample_only", type=pint, default=None, metavar="N", help="write N prior samples and exit")
+    g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
     g.add_argument("--basedir", default="logs", help="where experiment folders go")
-    g.add_argument("--expname", default=None, help="experiment folder name (default: vae_<dataset>_<arch>)")
+    g.add_argument("--expname", default=None, help="experiment folder (default: vae_<dataset>_<arch>)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: all visible)")
-    g.add_argument("--no_reload", action="store_true", help="start fresh instead of resuming from ckpt.pt")
+    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: --device only)")
+    g.add_argument("--no_reload", action="store_true", help="start afresh instead of resuming ckpt.pt")
     g.add_argument("--ckpt", default=None, help="checkpoint to load instead of logs/<expname>/ckpt.pt")
     return p
 
 
-def parse_args(argv=None):
-    args = get_parser().parse_args(argv)
-    for key, value in ARCH_DEFAULTS[args.arch].items():  # derived: defaults that depend on --arch
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+def preset_defaults(args):                                              # the defaults that follow --arch
+    return ARCH_DEFAULTS[args.arch]
+
+
+def check_args(args):
     if not 0 < args.val_frac < 1:
         fail(f"must be between 0 and 1, got {args.val_frac}", "--val_frac", "e.g. --val_frac 0.1")
-    if args.beta < 0:
-        fail(f"must be >= 0, got {args.beta}", "--beta", "use 1 for the plain ELBO")
     if args.image_size < 4:
         fail(f"must be at least 4, got {args.image_size}", "--image_size", "e.g. --image_size 32")
     args.expname = args.expname or f"vae_{args.dataset}_{args.arch}"
     return args
 
 
-# ---------------------------------------------------------------- data
-MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-           "fashion": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"]}
-MD5 = {  # published checksums of the four idx .gz files
-    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-    "fashion": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}}
-IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def download(url, path, md5):
-    """Stream url to path with a progress bar. The bytes go to path.part and take the final
-    name only once their md5 matches, so a failed or interrupted download leaves nothing."""
-    tmp, digest = path + ".part", hashlib.md5()
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != md5:
-            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fetch_idx(dataset, folder, base_url=None):
-    """Download whichever of the four idx files are missing from folder."""
-    os.makedirs(folder, exist_ok=True)
-    for name, md5 in MD5[dataset].items():
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            continue
-        for base in [base_url] if base_url else MIRRORS[dataset]:
-            try:
-                download(base.rstrip("/") + "/" + name, path, md5)
-                break
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                why = f"{base.rstrip('/')}/{name}: {e}"
-        else:
-            fail(f"cannot download {why}", path, f"no network? put the four {dataset} idx .gz files in {folder} by hand")
-
-
-def read_idx(path):
-    """Parse an idx file (gzipped or not): bytes 0-1 zero, byte 2 the dtype code, byte 3 the number
-    of dimensions, then one big-endian uint32 per dimension, then the data. -> numpy array."""
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # not gzip, or a truncated gzip stream
-        fail(f"unreadable idx file ({e})", path, "delete it to download it again, or replace it")
-    fix = "delete it to download it again, or replace it with the original file"
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
-        fail("not an idx file (bad magic number)", path, fix)
-    ndim, head = data[3], 4 + 4 * data[3]
-    if len(data) < head:
-        fail("truncated idx header", path, fix)
-    dims = struct.unpack(f">{ndim}I", data[4:head])
-    dtype = np.dtype(IDX_DTYPES[data[2]])
-    if len(data) - head != math.prod(dims) * dtype.itemsize:
-        fail(f"{len(data) - head} data bytes for shape {dims}: truncated or foreign file", path, fix)
-    return np.frombuffer(data, dtype, offset=head).reshape(dims)
-
-
-def load_idx_dataset(dataset, folder, base_url=None):
-    """-> (train images, train labels, test images, test labels); images uint8 (N, 1, 28, 28)."""
-    fetch_idx(dataset, folder, base_url)
-    out = []
-    for split in ("train", "t10k"):
-        path = os.path.join(folder, f"{split}-images-idx3-ubyte.gz")
-        images = read_idx(path)
-        labels = read_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte.gz"))
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            fail(f"expected uint8 images of 28x28, got {images.dtype} {images.shape}", path, "replace the file")
-        if labels.shape != images.shape[:1]:
-            fail(f"{len(labels)} labels for {len(images)} images", path, "use the images and labels of one release")
-        out += [torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))]
-    return out
-
-
-def make_shapes(n, size=28, seed=0):
-    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
-    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
-    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
-    u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
-    yy, xx = torch.meshgrid(u, u, indexing="ij")
-    for start in range(0, n, 500):
-        m = min(500, n - start)
-        kind = torch.randint(0, 4, (m, 1, 1), generator=g)
-        r = 0.3 + 0.4 * torch.rand(m, 1, 1, generator=g)              # radius, in half image widths
-        th = torch.rand(m, 1, 1, generator=g) * math.pi / 2           # rotation
-        cx, cy = (torch.rand(2, m, 1, 1, generator=g) * 2 - 1) * (0.95 - r)  # keep the shape inside
-        dx, dy = xx - cx, yy - cy
-        rx, ry = dx * th.cos() + dy * th.sin(), dy * th.cos() - dx * th.sin()  # rotated coordinates
-        dist = (dx ** 2 + dy ** 2).sqrt()
-        inside = torch.where(kind == 0, dist < r, torch.where(kind == 1, (dist - 0.7 * r).abs() < 0.3 * r,
-                 torch.where(kind == 2, torch.maximum(rx.abs(), ry.abs()) < 0.8 * r, rx.abs() + ry.abs() < r)))
-        out.append((F.avg_pool2d(inside.float().unsqueeze(1), 4) * 255).round().to(torch.uint8))
-    return torch.cat(out)
-
-
-def load_folder(root, size):
-    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
-    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-    if len(files) < 3:
-        fail(f"found {len(files)} PNG/JPG/BMP images, need at least 3", root, "point --datadir at a folder of images")
-    images = []
-    for path in tqdm(files, desc="images", leave=False):
-        try:
-            a = np.asarray(iio.imread(path))
-        except Exception as e:  # imageio raises many types for a broken file
-            fail(f"cannot read image ({type(e).__name__})", path, "remove or replace the file")
-        a = a[..., None] if a.ndim == 2 else a[..., :3] if a.shape[-1] >= 3 else a[..., :1]  # drop alpha
-        scale = np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1.0
-        x = torch.from_numpy(a.astype(np.float32) / scale).permute(2, 0, 1)
-        h, w = x.shape[1:]
-        k = min(h, w)
-        x = x[:, (h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k]
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-    c = max(im.shape[0] for im in images)
-    return torch.stack([im.expand(c, -1, -1) for im in images])
-
-
-def load_dataset(args):
-    """-> (train, val, test) uint8 image tensors (N, C, H, W). Validation is carved from the
-    training images by a fixed permutation; the folder dataset also gives its first 10% to test."""
-    if args.dataset in ("mnist", "fashion"):
-        train, _, test, _ = load_idx_dataset(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
-    elif args.dataset == "shapes":
-        images = make_shapes(10000)
-        train, test = images[:8000], images[8000:]
-    else:
-        images = load_folder(args.datadir, args.image_size)
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
-        n_test = max(1, len(images) // 10)
-        train, test = images[n_test:], images[:n_test]
-    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
-    n_val = max(1, round(len(train) * args.val_frac))
-    if n_val >= len(train):
-        fail(f"holds out all {len(train)} training images", "--val_frac", "lower it or add images")
-    return train[n_val:], train[:n_val], test
-
-
-def to_float(x):
-    return x.float() / 255  # uint8 -> [0, 1]
-
-
 # ---------------------------------------------------------------- model
 class VAE(nn.Module):
-    """q(z|x) = N(mu, diag(exp(logvar))) from the encoder; p(x|z) from the decoder: logits of
-    independent Bernoulli pixels, or means of Gaussian pixels with one learned scale.
-    forward() computes this replica's loss terms, so DataParallel sends two numbers to GPU 0."""
+    """q(z|x) = N(mu, diag(exp(logvar))) from the encoder; p(x|z) from the decoder: logits of independent Bernoulli
+    pixels, or means of Gaussian pixels with one learned scale. forward() returns this replica's loss terms."""
 
     def __init__(self, arch, shape, latent_dim, hidden, likelihood):
         super().__init__()
@@ -338,12 +154,13 @@ class VAE(nn.Module):
         """Decoder output -> the mean of p(x|z) in [0, 1], what the sample grids show."""
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0, 1)
 
-    def forward(self, x, eps):
-        """x (B, C, H, W) in [0, 1]; eps (B, latent_dim) ~ N(0, I), drawn by the caller so that the
-        result does not depend on how the batch is split. -> (1, 2): summed -log p(x|z) and KL."""
-        mu, logvar = self.encode(x)
-        z = mu + (0.5 * logvar).exp() * eps                             # z = mu + sigma * eps   (K&W eq. 10)
-        rec = self.nll(x, self.decode(z))                               # (B,)
+    def forward(self, x, eps, amp=False):
+        """x (B, C, H, W) in [0, 1]; eps (B, latent_dim) ~ N(0, I), drawn by the caller so that the result does not
+        depend on how the batch is split; amp: bfloat16 networks. -> (1, 2): summed -log p(x|z) and KL."""
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):  # here: in each replica's thread
+            mu, logvar = self.encode(x)
+            z = mu + (0.5 * logvar).exp() * eps                         # z = mu + sigma * eps   (K&W eq. 10)
+            rec = self.nll(x, self.decode(z))                           # (B,)
         kl = kl_per_dim(mu, logvar).sum(1)                              # (B,)
         return torch.stack([rec.sum(), kl.sum()]).unsqueeze(0)
 
@@ -355,8 +172,8 @@ def kl_per_dim(mu, logvar):
 
 
 def log_importance_weights(model, x, eps):
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps_k.
-    x (B, C, H, W), eps (K, B, D) -> (K, B)."""
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps_k. x (B, C, H, W), eps (K, B, D)
+    -> (K, B)."""
     mu, logvar = model.encode(x)
     z = mu + (0.5 * logvar).exp() * eps                                 # (K, B, D)
     k, b = eps.shape[:2]
@@ -368,12 +185,10 @@ def log_importance_weights(model, x, eps):
 
 # ---------------------------------------------------------------- training
 def train_step(model, opt, x, beta, amp=False):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1]. -> tensor (-log p(x|z), KL) per image.
-    amp: the networks run in bfloat16 autocast; the loss terms stay float32."""
+    """One Adam step on a batch x (B, C, H, W) in [0, 1]. -> tensor (-log p(x|z), KL) per image."""
     raw = model.module if isinstance(model, nn.DataParallel) else model
     eps = torch.randn(len(x), raw.latent_dim, device=x.device)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        rec, kl = model(x, eps).sum(0) / len(x)                         # sum over replicas / global count
+    rec, kl = model(x, eps, amp).sum(0) / len(x)                        # sum over replicas / global count
     loss = rec + beta * kl                                              # -ELBO (beta = 1), nats per image
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()}", "--lr", "lower the learning rate; ckpt.pt still holds the last good state")
@@ -383,43 +198,276 @@ def train_step(model, opt, x, beta, amp=False):
     return torch.stack([rec, kl]).detach()
 
 
+# ---------------------------------------------------------------- evaluation & outputs
+@torch.no_grad()
+def evaluate(model, images, device, batch_size=500):
+    """-ELBO = E_q[-log p(x|z)] + KL in nats per image (one z per image from a fixed eps, so that epochs compare), the
+    KL per latent dimension, and the active units: Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2). -> dict"""
+    g, total, mus, kls = torch.Generator().manual_seed(0), torch.zeros(2), [], []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size]).to(device)
+        total += model(x, torch.randn(len(x), model.latent_dim, generator=g).to(device)).sum(0).cpu()
+        mu, logvar = model.encode(x)
+        mus, kls = mus + [mu.cpu()], kls + [kl_per_dim(mu, logvar).cpu()]
+    rec, kl = (total / len(images)).tolist()
+    return {"nelbo": rec + kl, "rec": rec, "kl": kl, "kl_per_dim": torch.cat(kls).mean(0).tolist(),
+            "active_units": int((torch.cat(mus).var(0) > 0.01).sum())}
+
+
+@torch.no_grad()
+def iw_nll(model, images, k, device):
+    """-log p(x) ~ -log (1/K) sum_k w_k   (Burda et al. 2016, eq. 8), nats per image: an upper bound on the true NLL
+    that tightens as K grows; K = 1 is a one-sample -ELBO. The time it will take is said after the first batch."""
+    g, total, tic = torch.Generator().manual_seed(0), 0.0, time.time()
+    per_step = max(1, 4096 // k)                                        # images per decoder call of <= 4096 z
+    for i in range(0, len(images), per_step):
+        x = to_float(images[i:i + per_step]).to(device)
+        log_w = log_importance_weights(model, x, torch.randn(k, len(x), model.latent_dim, generator=g).to(device))
+        total += -(torch.logsumexp(log_w, 0) - math.log(k)).sum().item()  # log_w: (K, B)
+        if i == 0:
+            print(f"IW-NLL, K={k}, of {len(images)} test images: about {(time.time() - tic) * len(images) / len(x):.0f} s")
+    return total / len(images)
+
+
+@torch.no_grad()
+def prior_samples(model, n, seed, device):                              # means of p(x|z), z ~ N(0, I): (n, C, H, W)
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    return model.mean_image(model.decode(z))
+
+
+@torch.no_grad()
+def write_pictures(model, test, expdir, step, device):
+    """samples_<step>.png (64 prior samples, fixed z), recon_<step>.png (up to 4 rows of 8 test images, each above its
+    reconstruction from z = mu), interp_<step>.png (up to 8 rows: z goes from the code of test image 2i to 2i+1)."""
+    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(prior_samples(model, 64, 0, device), 8))
+    cols = min(8, len(test))
+    rows = min(4, len(test) // cols)
+    x = to_float(test[:rows * cols]).to(device)
+    recon = model.mean_image(model.decode(model.encode(x)[0]))
+    pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], 1)  # in/out
+    save_png(os.path.join(expdir, f"recon_{step}.png"), grid(pairs.flatten(0, 2), cols))
+    mu = model.encode(to_float(test[:16]).to(device))[0]
+    a, b = (mu[0::2], mu[1::2]) if len(mu) > 1 else (mu, mu)
+    t = torch.linspace(0, 1, 10, device=device)[None, :, None]
+    z = (1 - t) * a[:len(b), None] + t * b[:, None]                     # (pairs, 10, D)
+    save_png(os.path.join(expdir, f"interp_{step}.png"), grid(model.mean_image(model.decode(z.flatten(0, 1))), 10))
+
+
+def sample_only(args, device, expdir):
+    """--sample_only N: the means of p(x|z) (not Bernoulli draws) for N draws z ~ N(0, I), from --ckpt, else best.pt,
+    else ckpt.pt, as samples.png and samples.npy."""
+    path = args.ckpt or next((p for p in (f"{expdir}/best.pt", f"{expdir}/ckpt.pt") if os.path.exists(p)),
+                             f"{expdir}/best.pt")
+    ckpt = load_checkpoint(path, device)
+    model = VAE(**ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    write_samples(expdir, prior_samples(model, args.sample_only, args.seed, device))
+    print(f"wrote {args.sample_only} samples from {path} to {expdir}/samples.png and samples.npy")
+    return {"samples": args.sample_only, "ckpt": path}
+
+
+# ---------------------------------------------------------------- data
+def load_dataset(args):
+    """-> (train, val, test) uint8 image tensors (N, C, H, W). Validation is carved from the training images by a
+    fixed permutation; folder and shapes give a fixed 10% to test."""
+    if args.dataset in ("mnist", "fashion"):
+        train, test = load_idx_images(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
+    else:
+        images = make_shapes(10000, 28) if args.dataset == "shapes" else load_folder(args.datadir, args.image_size)
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+        train, test = images[max(1, len(images) // 10):], images[:max(1, len(images) // 10)]
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
+    n_val = max(1, round(len(train) * args.val_frac))
+    if n_val >= len(train):
+        fail(f"holds out all {len(train)} training images", "--val_frac", "lower it or add images")
+    return train[n_val:], train[:n_val], test
+
+
+def to_float(x):
+    return x.float() / 255                                              # uint8 -> [0, 1]
+
+
+IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+IDX_FILES = [f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+IDX_MD5 = {"mnist": dict(zip(IDX_FILES, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"])),
+           "fashion": dict(zip(IDX_FILES, ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                           "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]))}
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def fetch(folder, files, url):
+    """Download whichever of files ({name: published md5}) folder lacks from url/<name>."""
+    for name, md5 in files.items():
+        try:
+            if not os.path.exists(os.path.join(folder, name)):
+                os.makedirs(folder, exist_ok=True)
+                download(url.rstrip("/") + "/" + name, os.path.join(folder, name), md5)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            fail(f"cannot download {url.rstrip('/')}/{name} ({e})", os.path.join(folder, name), f"no network? put "
+                 f"{', '.join(files)} in {folder} by hand, point --datadir at a data root that has them, or train "
+                 "on generated images: --dataset shapes")
+
+
+def read_idx(path):
+    """An idx file (gzipped or not) -> numpy array: bytes 0-1 zero, byte 2 the dtype code, byte 3 the number of
+    dimensions, a big-endian uint32 per dimension, then the values."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+            raise ValueError("bad magic number")
+        head = 4 + 4 * data[3]
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(struct.unpack(f">{data[3]}I", data[4:head]))
+    except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
+        fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
+
+
+def load_idx_images(dataset, folder, base_url=None):
+    """-> (train, test) uint8 images (N, 1, 28, 28) of MNIST or Fashion-MNIST, downloaded if missing."""
+    fetch(folder, IDX_MD5[dataset], base_url or IDX_URLS[dataset])
+    out = []
+    for split in ("train", "t10k"):
+        path = os.path.join(folder, f"{split}-images-idx3-ubyte.gz")
+        images = read_idx(path)
+        if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+            fail(f"expected uint8 images of 28x28, got {images.dtype} {images.shape}", path, "replace the file")
+        out.append(torch.from_numpy(images.copy()).unsqueeze(1))
+    return out
+
+
+def make_shapes(n, size, seed=0):
+    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
+    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
+    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
+    u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
+    yy, xx = torch.meshgrid(u, u, indexing="ij")
+    for start in range(0, n, 500):
+        m = min(500, n - start)
+        kind = torch.randint(0, 4, (m, 1, 1), generator=g)
+        r = 0.3 + 0.4 * torch.rand(m, 1, 1, generator=g)              # radius, in half image widths
+        th = torch.rand(m, 1, 1, generator=g) * math.pi / 2           # rotation
+        cx, cy = (torch.rand(2, m, 1, 1, generator=g) * 2 - 1) * (0.95 - r)  # keep the shape inside
+        dx, dy = xx - cx, yy - cy
+        rx, ry = dx * th.cos() + dy * th.sin(), dy * th.cos() - dx * th.sin()  # rotated coordinates
+        dist = (dx ** 2 + dy ** 2).sqrt()
+        inside = torch.where(kind == 0, dist < r, torch.where(kind == 1, (dist - 0.7 * r).abs() < 0.3 * r,
+                 torch.where(kind == 2, torch.maximum(rx.abs(), ry.abs()) < 0.8 * r, rx.abs() + ry.abs() < r)))
+        out.append((F.avg_pool2d(inside.float().unsqueeze(1), 4) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def load_folder(root, size):
+    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
+    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+    if len(files) < 3:
+        fail(f"found {len(files)} PNG/JPG/BMP images, need at least 3", root, "point --datadir at a folder of images")
+    images = []
+    for path in tqdm(files, desc="images", leave=False):
+        try:
+            a = np.asarray(iio.imread(path))
+        except Exception as e:                                          # imageio raises many types for a broken file
+            fail(f"cannot read image ({type(e).__name__})", path, "remove or replace the file")
+        a = a[..., None] if a.ndim == 2 else a[..., :3] if a.shape[-1] >= 3 else a[..., :1]  # drop alpha
+        x = torch.from_numpy(a.astype(np.float32) / (np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1.0))
+        h, w, k = *x.shape[:2], min(x.shape[:2])
+        x = x[(h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k].permute(2, 0, 1)  # the centre square
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+    c = max(im.shape[0] for im in images)
+    return torch.stack([im.expand(c, -1, -1) for im in images])
+
+
+def grid(images, nrow):
+    """images (N, C, H, W) in [0, 1] -> one picture, uint8 (H', W') or (H', W', C): nrow per row, 2-pixel grey gaps."""
+    n, c, h, w = images.shape
+    canvas = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
+    for i, im in enumerate(images.cpu()):
+        r, q = divmod(i, nrow)
+        canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
+    pixels = to_uint8(canvas.permute(1, 2, 0))
+    return pixels[..., 0] if c == 1 else pixels
+
+
+def write_samples(expdir, images):
+    """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
+    pixels = to_uint8(images.permute(0, 2, 3, 1))
+    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if images.shape[1] == 1 else pixels))
+    save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
+
+
+# ---------------------------------------------------------------- harness (identical in all four scripts)
+# Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
+# in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
+# get_parser, preset_defaults and check_args are each script's own.
+def fail(what, where, fix):
+    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {what} ({where}): {fix}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
+
+    def error(self, message):
+        hints = []
+        for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
+            close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
+            hints.append(f"{flag} is {ALIASES[flag]} here" if flag in ALIASES else
+                         f"did you mean {' or '.join(close)}?" if close else f"{flag} has no equivalent here")
+        fail(message, "command line", "; ".join(hints + [f"see python {SCRIPT}.py --help"]))
+
+
+def positive(kind, zero=False):                                         # an argparse type: > 0, or >= 0
+    def check(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
+        return value
+    return check
+
+
+def parse_args(argv=None):
+    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+    parser = get_parser()
+    parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
+    args = check_args(parser.parse_args(argv))
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("the tensorboard package is not installed", "--tensorboard", "pip install tensorboard, or drop the flag")
+    return args
+
+
+def pick_devices(args):
+    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name) or name == "cpu" and args.gpus:
+        fail(f"no such device, or --gpus on the CPU: {name} {args.gpus or ''}", "--device", "use auto, cpu, cuda[:N]")
+    if name == "cpu":
+        return torch.device("cpu"), []
+    n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
+    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+        fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or --device cpu")
+    torch.cuda.set_device(int(gpus[0]))
+    return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
+
+
 def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any fnmatch pattern."""
+    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
     names = [n for n, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
-            fail(f"pattern {pattern!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
+        fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
-        p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
+    if n_train == 0 or patterns:
+        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
 
 
-def pick_devices(args):
-    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
-    if device.type != "cuda":
-        return device, []
-    n = torch.cuda.device_count()
-    if n == 0:
-        fail("CUDA is not available", "--device", "use --device cpu")
-    first = device.index or 0
-    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
-    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
-        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
-    gpus = [int(i) for i in gpus]
-    return torch.device("cuda", gpus[0]), gpus
-
-
-def atomic(path, write):
-    """write(tmp) then rename: a crash or Ctrl-C never leaves a half-written file at path."""
+def atomic(path, write):                                                # write(tmp), rename: never half a file
     root, ext = os.path.splitext(path)
     write(f"{root}.tmp{ext}")
     os.replace(f"{root}.tmp{ext}", path)
@@ -429,219 +477,230 @@ def write_text(path, text):
     atomic(path, lambda p: pathlib.Path(p).write_text(text))
 
 
+def save_png(path, pixels):
+    atomic(path, lambda p: iio.imwrite(p, pixels))
+
+
+def to_uint8(x):                                                        # [0, 1] -> uint8 numpy: pictures, video
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def make_expdir(args):
+    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+    expdir = os.path.join(args.basedir, args.expname)
+    try:
+        os.makedirs(expdir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
+    if not os.access(expdir, os.W_OK):
+        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+    return expdir
+
+
+def download(url, path, md5=None):
+    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+    tmp, digest = path + ".part", hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True) as bar:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                bar.update(f.write(chunk))
+        if md5 and digest.hexdigest() != md5:
+            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fingerprint(name, *tensors):                                        # what a run trains on, for its checkpoint
+    return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
+
+
+def save_checkpoint(path, model, optimizers, step, state, args, data):
+    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+    atomic(path, lambda p: torch.save({
+        "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
+        "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}, "rng": rng, "args": vars(args),
+        "data": data}, p))
+
+
 def load_checkpoint(path, device):
-    """A tiny_vae checkpoint as a dict, or a one-line error."""
-    if not os.path.exists(path):
-        fail("no such checkpoint", path, "train first, or pass --ckpt PATH")
+    """A checkpoint this script wrote, as a dict, or a one-line error."""
+    if not os.path.isfile(path):
+        fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch.load raises many types for a foreign or damaged file
-        fail(f"not a readable checkpoint ({type(e).__name__})", path, "pass a ckpt.pt or best.pt written by tiny_vae.py")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_vae":
-        fail("not a tiny_vae checkpoint", path, "pass a ckpt.pt or best.pt written by tiny_vae.py")
+    except Exception as e:                                              # many types for a foreign or damaged file
+        fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
+        fail(f"not a {SCRIPT} checkpoint, or an old one", path, f"pass one written by this {SCRIPT}.py, or --no_reload")
     return ckpt
 
 
-# ---------------------------------------------------------------- evaluation & outputs
-@torch.no_grad()
-def evaluate(model, images, batch_size, device):
-    """-ELBO = E_q[-log p(x|z)] + KL in nats per image, one z per image from a fixed eps so that
-    epochs compare. -> (-ELBO, -log p(x|z), KL)."""
-    g, total = torch.Generator().manual_seed(0), torch.zeros(2)
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size]).to(device)
-        eps = torch.randn(len(x), model.latent_dim, generator=g).to(device)
-        total += model(x, eps).sum(0).cpu()
-    rec, kl = (total / len(images)).tolist()
-    return rec + kl, rec, kl
-
-
-@torch.no_grad()
-def iw_nll(model, images, k, device):
-    """-log p(x) ~ -log (1/K) sum_k w_k   (Burda et al. 2016, eq. 8), nats per image: an upper
-    bound on the true NLL that tightens as K grows; K = 1 is a one-sample -ELBO."""
-    g, total = torch.Generator().manual_seed(0), 0.0
-    per_step = max(1, 4096 // k)                                        # images per decoder call of <= 4096 z
-    for i in tqdm(range(0, len(images), per_step), desc=f"IW-NLL K={k}", leave=False):
-        x = to_float(images[i:i + per_step]).to(device)
-        eps = torch.randn(k, len(x), model.latent_dim, generator=g).to(device)
-        log_w = log_importance_weights(model, x, eps)                   # (K, B)
-        total += -(torch.logsumexp(log_w, 0) - math.log(k)).sum().item()
-    return total / len(images)
-
-
-@torch.no_grad()
-def latent_stats(model, images, batch_size, device):
-    """KL per latent dimension averaged over images, and the active units: dimensions whose
-    posterior mean varies over the data, Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2)."""
-    mus, kls = [], []
-    for i in range(0, len(images), batch_size):
-        mu, logvar = model.encode(to_float(images[i:i + batch_size]).to(device))
-        mus.append(mu.cpu())
-        kls.append(kl_per_dim(mu, logvar).cpu())
-    return torch.cat(kls).mean(0).tolist(), int((torch.cat(mus).var(0) > 0.01).sum())
-
-
-def save_grid(path, images, nrow):
-    """images (N, C, H, W) in [0, 1] -> one PNG, nrow images per row, 2-pixel grey gaps."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
-    for i, im in enumerate(images.cpu()):
-        r, q = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
-    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    atomic(path, lambda p: iio.imwrite(p, pixels[..., 0] if c == 1 else pixels))
-
-
-@torch.no_grad()
-def prior_samples(model, n, seed, device):
-    """Means of p(x|z) for z ~ N(0, I) from a fixed seed. -> (n, C, H, W) in [0, 1]."""
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return model.mean_image(model.decode(z))
-
-
-@torch.no_grad()
-def write_pictures(model, test, expdir, step, device):
-    """samples_<step>.png (64 prior samples, fixed z), recon_<step>.png (up to 4 rows of 8 test
-    images, each above its reconstruction from z = mu) and interp_<step>.png (up to 8 rows: z moves
-    linearly from the mean code of test image 2i to that of image 2i+1 in 10 steps)."""
-    save_grid(os.path.join(expdir, f"samples_{step}.png"), prior_samples(model, 64, 0, device), 8)
-    cols = min(8, len(test))
-    rows = min(4, len(test) // cols)
-    x = to_float(test[:rows * cols]).to(device)
-    recon = model.mean_image(model.decode(model.encode(x)[0]))
-    pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], 1)  # in/out
-    save_grid(os.path.join(expdir, f"recon_{step}.png"), pairs.flatten(0, 2), cols)
-    mu = model.encode(to_float(test[:16]).to(device))[0]
-    a, b = (mu[0::2], mu[1::2]) if len(mu) > 1 else (mu, mu)
-    t = torch.linspace(0, 1, 10, device=device)[None, :, None]
-    z = (1 - t) * a[:len(b), None] + t * b[:, None]                     # (pairs, 10, D)
-    save_grid(os.path.join(expdir, f"interp_{step}.png"), model.mean_image(model.decode(z.flatten(0, 1))), 10)
-
-
-def sample_only(args, device, expdir):
-    """--sample_only N: N prior samples from --ckpt (default best.pt, else ckpt.pt) as a grid and
-    as samples.npy, uint8 (N, H, W) or (N, H, W, C)."""
-    path = args.ckpt or next((p for p in (os.path.join(expdir, "best.pt"), os.path.join(expdir, "ckpt.pt"))
-                              if os.path.exists(p)), os.path.join(expdir, "best.pt"))
-    ckpt = load_checkpoint(path, device)
-    model = VAE(**ckpt["model_args"]).to(device)
+def resume(args, expdir, model, optimizers, state, data, device):
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
+    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    if not args.ckpt and (args.no_reload or not os.path.exists(path)):
+        return 0
+    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    for key, value in model.config.items():
+        if ckpt["model_args"].get(key) != value:
+            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if ckpt["data"]["sha1"] != data["sha1"]:
+        fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
+    for key, opt in optimizers.items():
+        if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
+            fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
+        opt.load_state_dict(ckpt["optimizers"][key])
     model.load_state_dict(ckpt["model"])
-    x = prior_samples(model, args.sample_only, args.seed, device)
-    pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    os.makedirs(expdir, exist_ok=True)
-    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if x.shape[1] == 1 else pixels))
-    save_grid(os.path.join(expdir, "samples.png"), x, math.ceil(math.sqrt(args.sample_only)))
-    print(f"wrote {args.sample_only} samples from {path} to {expdir}/samples.png and samples.npy")
-    return {"samples": args.sample_only, "ckpt": path}
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    state.update(ckpt["state"])
+    print(f"resumed {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+class Run:
+    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
+    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
+    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+
+    def __init__(self, args, expdir, step, steps, seconds, flag):
+        self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
+        old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
+        write_text(self.path, "".join(f"{line}\n" for line in old if line.endswith("}") and json.loads(line)["step"]
+                                      <= step))                         # ("}": not a line cut short by a crash)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(expdir, purge_step=step)
+        self.bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+        self.steps, self.budget = steps, (args.max_minutes or math.inf) * 60
+        if step >= steps or seconds >= self.budget:
+            why = f"its {steps} steps are done: raise {flag}" if step >= steps else "--max_minutes is spent: raise it"
+            self.bar.write(f"nothing left to train at step {step}, evaluating; {why} to train on, or --no_reload")
+
+    def over(self, seconds):                                            # Ctrl-C, or the time budget is spent
+        return self.stopped or seconds >= self.budget
+
+    def advance(self, step, seconds, **postfix):
+        if self.budget < math.inf and step > self.bar.initial:          # steps per second in this session so far
+            rate = (step - self.bar.initial) / max(time.time() - self.bar.start_t, 1e-9)
+            self.bar.total = min(self.steps, step + round(rate * max(self.budget - seconds, 0)))
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items() if self.board else ():
+            if key != "step" and isinstance(value, (int, float)):
+                self.board.add_scalar(key, value, record["step"])
+        if self.board and image is not None:
+            image = iio.imread(image) if isinstance(image, str) else image
+            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
+        if self.board:
+            self.board.flush()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # only it can catch signals
+            self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame):
+        self.stopped = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def interrupted(step, path):                                            # after Ctrl-C: one line, exit status 130
+    print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
+    raise SystemExit(130)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     device, gpus = pick_devices(args)
-    expdir = os.path.join(args.basedir, args.expname)
+    expdir = make_expdir(args)
+    torch.manual_seed(args.seed)
     if args.sample_only:
         return sample_only(args, device, expdir)
 
+    # data, model and optimizer, resumed from the run's checkpoint if it has one
     train, val, test = load_dataset(args)
+    data = fingerprint(f"{args.dataset}, {len(train)} training images", train)
     raw = VAE(args.arch, tuple(train.shape[1:]), args.latent_dim, args.hidden, args.likelihood).to(device)
     opt = torch.optim.Adam(raw.parameters(), lr=args.lr, fused=True)  # fused: one kernel, 20% faster on CPU here
-    step, best_val, seconds = 0, math.inf, 0.0
-    ckpt_path, best_path = os.path.join(expdir, "ckpt.pt"), os.path.join(expdir, "best.pt")
-    if args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):  # resume the same run
-        ckpt = load_checkpoint(args.ckpt or ckpt_path, device)
-        for key, value in raw.config.items():
-            if ckpt["model_args"][key] != value:
-                fail(f"checkpoint has {key}={ckpt['model_args'][key]}, this run {value}", args.ckpt or ckpt_path,
-                     "use the same flags, --no_reload to start fresh, or another --expname")
-        raw.load_state_dict(ckpt["model"])
-        if "optimizer" in ckpt:  # a best.pt holds the weights only
-            opt.load_state_dict(ckpt["optimizer"])
-            step, best_val, seconds = ckpt["step"], ckpt["best_val"], ckpt["seconds"]
-            torch.set_rng_state(ckpt["rng"].cpu())
-            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-        print(f"resumed from {args.ckpt or ckpt_path} at step {step}")
-    if args.freeze:
-        freeze(raw, args.freeze)
+    state = {"best_val": math.inf, "seconds": 0.0, "sums": [0.0, 0.0, 0, 0.0]}  # sums: rec, KL, images, busy seconds
+    step = resume(args, expdir, raw, {"adam": opt}, state, data, device)
+    freeze(raw, args.freeze)
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
-
-    os.makedirs(expdir, exist_ok=True)
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
-    metrics_path = os.path.join(expdir, "metrics.jsonl")
-    old = pathlib.Path(metrics_path).read_text().splitlines() if os.path.exists(metrics_path) and step else []
-    kept = "".join(line + "\n" for line in old if json.loads(line)["step"] <= step)  # drop lines past the checkpoint
-    write_text(metrics_path, kept)
-
-    def save_checkpoint():
-        atomic(ckpt_path, lambda p: torch.save({
-            "script": "tiny_vae", "model_args": raw.config, "model": raw.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "best_val": best_val, "seconds": seconds, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "args": vars(args)}, p))
-
-    per_epoch = math.ceil(len(train) / args.batch_size)
-    total, budget = args.epochs * per_epoch, (args.max_minutes or math.inf) * 60
     print(f"{len(train)} train / {len(val)} val / {len(test)} test images of {tuple(train.shape[1:])}, "
           f"{sum(p.numel() for p in raw.parameters()):,} parameters, {device}")
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    start, running, n_img, busy = time.time() - seconds, torch.zeros(2), 0, 0.0  # busy: seconds in train steps
-    try:
-        while step < total and seconds < budget:
-            epoch, first = divmod(step, per_epoch)
+
+    # train: shuffled epochs, each (and the run, when its time is up) ended by an evaluation and a checkpoint
+    per_epoch, order, ckpt_path = math.ceil(len(train) / args.batch_size), None, os.path.join(expdir, "ckpt.pt")
+    steps, start = args.epochs * per_epoch, time.time() - state["seconds"]
+    with Run(args, expdir, step, steps, state["seconds"], "--epochs") as run:
+        while step < steps and not run.over(state["seconds"]):
+            epoch, i = divmod(step, per_epoch)
+            if i == 0 or order is None:                                 # an epoch's order depends on (seed, epoch)
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
             for group in opt.param_groups:
                 group["lr"] = args.lr * args.lr_decay ** epoch           # exponential decay per epoch
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-            for i in range(first, per_epoch):                           # an epoch's order depends on (seed, epoch)
-                tic = time.time()
-                x = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
-                running += train_step(model, opt, x, args.beta, args.amp).cpu() * len(x)
-                step, n_img, busy, seconds = step + 1, n_img + len(x), busy + time.time() - tic, time.time() - start
-                bar.update()
-                if seconds >= budget:
-                    break
-            val_nelbo = evaluate(raw, val, 500, device)[0]
-            test_nelbo, test_rec, test_kl = evaluate(raw, test, 500, device)
-            n = max(n_img, 1)
-            record = {"step": step, "epoch": round(step / per_epoch, 3), "train_nelbo": running.sum().item() / n,
-                      "train_rec": running[0].item() / n, "train_kl": running[1].item() / n, "val_nelbo": val_nelbo,
-                      "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl, "lr": opt.param_groups[0]["lr"],
-                      "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(time.time() - start, 2)}
-            running, n_img, busy = torch.zeros(2), 0, 0.0
-            if val_nelbo < best_val:                                    # model selection on validation, never test
-                best_val = val_nelbo
-                atomic(best_path, lambda p: torch.save({"script": "tiny_vae", "model_args": raw.config,
-                       "model": raw.state_dict(), "step": step, "val_nelbo": val_nelbo, "args": vars(args)}, p))
-            save_checkpoint()
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(train=f"{record['train_nelbo']:.1f}", val=f"{val_nelbo:.1f}", test=f"{test_nelbo:.1f}")
-            seconds = time.time() - start
-    except KeyboardInterrupt:
-        bar.close()
-        save_checkpoint()
-        raise SystemExit(f"interrupted at step {step}: saved {ckpt_path}; run the same command to resume")
-    bar.close()
+            tic, x = time.time(), to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
+            rec, kl = (train_step(model, opt, x, args.beta, args.amp).cpu() * len(x)).tolist()
+            state["sums"] = [a + b for a, b in zip(state["sums"], [rec, kl, len(x), time.time() - tic])]
+            step, state["seconds"] = step + 1, time.time() - start
+            run.advance(step, state["seconds"])
+            if step % per_epoch and not run.over(state["seconds"]) or run.stopped:
+                continue                                                # not the end of an epoch, or Ctrl-C
+            val_nelbo, scores = evaluate(raw, val, device)["nelbo"], evaluate(raw, test, device)
+            rec, kl, n, busy = state["sums"]
+            run.log({"step": step, "epoch": round(step / per_epoch, 3), "train_nelbo": (rec + kl) / n,
+                     "train_rec": rec / n, "train_kl": kl / n, "val_nelbo": val_nelbo, "test_nelbo": scores["nelbo"],
+                     "test_rec": scores["rec"], "test_kl": scores["kl"], "lr": opt.param_groups[0]["lr"],
+                     "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(state["seconds"], 2)},
+                    grid(prior_samples(raw, 64, 0, device), 8))
+            run.advance(step, state["seconds"], train=f"{(rec + kl) / n:.1f}", val=f"{val_nelbo:.1f}")
+            state["sums"] = [0.0, 0.0, 0, 0.0]
+            if val_nelbo < state["best_val"]:                           # model selection on validation, never test
+                state["best_val"] = val_nelbo
+                save_checkpoint(os.path.join(expdir, "best.pt"), raw, {"adam": opt}, step, state, args, data)
+            save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, data)
+    if run.stopped:                                                     # mid-epoch: the sums so far are saved too
+        save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, data)
+        interrupted(step, ckpt_path)
 
-    if os.path.exists(best_path):                                      # final figures from the best checkpoint
-        raw.load_state_dict(load_checkpoint(best_path, device)["model"])
-    test_nelbo, test_rec, test_kl = evaluate(raw, test, 500, device)
-    nll = iw_nll(raw, test, args.iw_samples, device)
-    kl_dims, active = latent_stats(raw, test, 500, device)
+    # the final figures, from the best checkpoint
+    if os.path.exists(os.path.join(expdir, "best.pt")):
+        raw.load_state_dict(load_checkpoint(os.path.join(expdir, "best.pt"), device)["model"])
+    scores = evaluate(raw, test, device)
+    final = {"step": step, "test_nelbo": scores["nelbo"], "test_rec": scores["rec"], "test_kl": scores["kl"],
+             "iw_nll": iw_nll(raw, test, args.iw_samples, device), "iw_samples": args.iw_samples,
+             "active_units": scores["active_units"], "kl_per_dim": scores["kl_per_dim"],
+             "train_seconds": round(state["seconds"], 2)}
     write_pictures(raw, test, expdir, step, device)
-    final = {"step": step, "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl, "iw_nll": nll,
-             "iw_samples": args.iw_samples, "active_units": active, "kl_per_dim": kl_dims,
-             "train_seconds": round(seconds, 2)}
     write_text(os.path.join(expdir, "final.json"), json.dumps(final, indent=1))
-    print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in kl_dims)}; "
-          f"active units {active}/{raw.latent_dim}")
-    print(f"test -ELBO {test_nelbo:.1f} nats | IW-NLL (K={args.iw_samples}) {nll:.1f} nats")
+    print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in final['kl_per_dim'])}; active units "
+          f"{final['active_units']}/{raw.latent_dim}")
+    print(f"test -ELBO {final['test_nelbo']:.1f} nats | IW-NLL (K={args.iw_samples}) {final['iw_nll']:.1f} nats")
     return final
 
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # outside training, where ckpt.pt is saved first: nothing to save
-        raise SystemExit("interrupted")
+    except KeyboardInterrupt:                                           # outside the training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)

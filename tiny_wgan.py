@@ -1,16 +1,14 @@
 """tiny_wgan.py: a Wasserstein GAN in one file.
 
-Arjovsky, Chintala & Bottou, "Wasserstein GAN", ICML 2017 (arXiv:1701.07875): a critic f,
-kept K-Lipschitz by clipping every weight to [-c, c], is trained to maximise
+Arjovsky, Chintala & Bottou, "Wasserstein GAN", ICML 2017 (arXiv:1701.07875): a critic f, kept K-Lipschitz by
+clipping every weight to [-c, c], is trained to maximise
     W ~ E_x~data[f(x)] - E_z~N(0,I)[f(G(z))]
-(the Kantorovich-Rubinstein dual of the Wasserstein-1 distance, eq. 3), and the generator G
-to minimise -E_z[f(G(z))]; algorithm 1 takes n_critic critic steps per generator step with
-RMSprop. With --gp LAMBDA the clipping gives way to the gradient penalty of Gulrajani et al.,
-"Improved Training of Wasserstein GANs", NeurIPS 2017 (arXiv:1704.00028), algorithm 1:
-    L_critic = E[f(G(z))] - E[f(x)] + LAMBDA * E[(||grad_x^ f(x^)||_2 - 1)^2],
-    x^ = a x + (1 - a) G(z),  a ~ U[0, 1] per sample, trained with Adam.
+(the Kantorovich-Rubinstein dual of the Wasserstein-1 distance, eq. 3), and the generator G to minimise -E_z[f(G(z))];
+algorithm 1 takes n_critic critic steps per generator step with RMSprop. With --gp LAMBDA the clipping gives way to
+the gradient penalty of Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017, algorithm 1:
+    L_critic = E[f(G(z))] - E[f(x)] + LAMBDA * E[(||grad_x^ f(x^)||_2 - 1)^2],  x^ = a x + (1 - a) G(z), a ~ U[0, 1],
+trained with Adam.
 
-Usage:
     python tiny_wgan.py --gp 10                                   # WGAN-GP on MNIST (downloaded)
     python tiny_wgan.py                                           # weight clipping, as in the paper
     python tiny_wgan.py --gp 10 --datadir ../shared/data/mnist_small   # an offline copy of real digits
@@ -19,19 +17,24 @@ Usage:
     python tiny_wgan.py --dataset folder --datadir my_images --image_size 64
     python tiny_wgan.py --preset paper                            # the paper's widths, lr and n_critic
     python tiny_wgan.py --gp 10 --sample_only 64                  # samples from the checkpoint
-Outputs go to logs/<expname>/ (args.json, ckpt.pt, metrics.jsonl, samples_<step>.png, final.json).
+Sections: arguments, model, loss, training, evaluation & outputs, data, harness (shared by the four scripts), main.
+Outputs go to logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, samples_<step>.png, final.json.
 """
 import argparse
+import difflib
 import fnmatch
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import json
 import math
 import os
 import pathlib
+import re
 import signal
 import struct
+import sys
 import tarfile
 import threading
 import time
@@ -44,303 +47,81 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-
-def fail(what, where, fix):
-    """A user error: one line on stderr, exit status 1, no traceback."""
-    raise SystemExit(f"error: {what} ({where}): {fix}")
+SCRIPT = "tiny_wgan"
 
 
 # ---------------------------------------------------------------- arguments
-# Defaults are sized for a CPU budget of minutes: widths 32, n_critic 2 and lr 5e-4 (benchmarks/results.md).
-# --preset paper restores the papers' settings, before explicitly given flags.
-PRESETS = {"paper": {  # DCGAN widths and WGAN / WGAN-GP algorithm 1 hyperparameters
-    "clip": dict(nz=100, ngf=64, ndf=64, n_critic=5, lr=5e-5),
-    "gp": dict(nz=100, ngf=64, ndf=64, n_critic=5, lr=1e-4)}}
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        fail(message, "command line", "see python tiny_wgan.py --help")
-
-
-def positive(kind):
-    def check(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return check
+# Defaults sized for a CPU budget of minutes: widths 32, n_critic 2, lr 5e-4 (benchmarks/results.md); --preset paper
+# puts the papers' settings back (DCGAN widths, WGAN and WGAN-GP algorithm 1), before the flags given explicitly.
+PRESETS = {"paper": dict(nz=100, ngf=64, ndf=64, n_critic=5)}
+ALIASES = {"--Diters": "--n_critic", "--critic_iters": "--n_critic", "--lrD": "--lr (one for both nets)",
+           "--lrG": "--lr (one for both nets)", "--clamp_lower": "--clip_value", "--clamp_upper": "--clip_value",
+           "--niter": "--iters", "--n_epochs": "--iters (generator steps)", "--dataroot": "--datadir",
+           "--experiment": "--expname", "--cuda": "--device cuda", "--no-cuda": "--device cpu", "--ngpu": "--gpus",
+           "--netG": "--ckpt", "--netD": "--ckpt", "--adam": "--gp LAMBDA (Adam comes with the penalty)",
+           "--noBN": "--critic_norm none", "--LAMBDA": "--gp", "--latent_dim": "--nz", "--sample_interval": "--i_sample"}
 
 
 def get_parser():
     p = Parser(description="Wasserstein GAN in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pint = positive(int)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist", choices=["mnist", "fashion", "cifar10", "folder", "shapes"],
-                   help="mnist/fashion: idx files, cifar10: binary archive (downloaded); folder: any PNG/JPG images; "
-                   "shapes: procedural")
-    g.add_argument("--datadir", default="data",
-                   help="data root holding mnist/, fashion/ or cifar10/; for --dataset folder, the image folder")
-    g.add_argument("--data_url", default=None, help="where to download from (default: the dataset's official mirrors)")
-    g.add_argument("--image_size", type=positive(int), default=32,
-                   help="4 x a power of two; MNIST's 28x28 is padded to 32, other sizes are resized")
+                   help="mnist/fashion: idx files, cifar10: binary archive (downloaded); folder: your images; shapes")
+    g.add_argument("--datadir", default="data", help="data root with mnist/, fashion/ or cifar10/; for folder, the images")
+    g.add_argument("--data_url", default=None, help="where to download from (default: the official mirrors)")
+    g.add_argument("--image_size", type=pint, default=32, help="4 x a power of two; MNIST's 28x28 is padded to 32")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="paper: nz 100, widths 64, n_critic 5 and the papers' learning rates, before explicit flags")
-    g.add_argument("--nz", type=positive(int), default=64, help="size of the noise z")
-    g.add_argument("--ngf", type=positive(int), default=32, help="generator channels before the output layer")
-    g.add_argument("--ndf", type=positive(int), default=32, help="critic channels after the first layer")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"defaults under the given flags: {PRESETS}")
+    g.add_argument("--nz", type=pint, default=64, help="size of the noise z")
+    g.add_argument("--ngf", type=pint, default=32, help="generator channels before the output layer")
+    g.add_argument("--ndf", type=pint, default=32, help="critic channels after the first layer")
     g.add_argument("--critic_norm", choices=["batch", "layer", "none"], default=None,
                    help="normalisation in the critic (default: batch with clipping, layer with --gp)")
     g = p.add_argument_group("training")
     g.add_argument("--gp", type=positive(float), default=None, metavar="LAMBDA",
                    help="WGAN-GP with this penalty weight (10 in the paper) instead of weight clipping")
     g.add_argument("--clip_value", type=positive(float), default=0.01, help="c: critic weights are clipped to [-c, c]")
-    g.add_argument("--n_critic", type=positive(int), default=2, help="critic steps per generator step (papers: 5)")
+    g.add_argument("--n_critic", type=pint, default=2, help="critic steps per generator step (papers: 5)")
     g.add_argument("--paper_schedule", action="store_true",
                    help="100 critic steps for the first 25 generator steps and every 500th (WGAN reference code)")
-    g.add_argument("--iters", type=positive(int), default=20000, help="generator steps")
-    g.add_argument("--batch_size", type=positive(int), default=64, help="images per critic step (split over --gpus)")
+    g.add_argument("--iters", type=pint, default=20000, help="generator steps")
+    g.add_argument("--batch_size", type=pint, default=64, help="images per critic step (split over --gpus)")
     g.add_argument("--lr", type=positive(float), default=5e-4,
-                   help="learning rate of both nets, RMSprop with clipping and Adam with --gp (papers: 5e-5, 1e-4)")
+                   help="lr of both nets: RMSprop, or Adam with --gp (papers, --preset paper: 5e-5, 1e-4)")
     g.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 under --gp (WGAN-GP paper: 0)")
     g.add_argument("--beta2", type=float, default=0.9, help="Adam beta2 under --gp (WGAN-GP paper: 0.9)")
-    g.add_argument("--max_minutes", type=positive(float), default=None,
-                   help="stop training after this many minutes of wall-clock time, then write every output as usual")
-    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN",
-                   help="freeze parameters whose names match these fnmatch patterns, e.g. 'critic.*'")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then the outputs as usual")
+    g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'critic.*'")
     g = p.add_argument_group("outputs")
-    g.add_argument("--i_print", type=positive(int), default=50, help="generator steps per metrics.jsonl line")
-    g.add_argument("--i_sample", type=positive(int), default=500, help="generator steps per samples_<step>.png grid")
-    g.add_argument("--sample_only", type=positive(int), default=None, metavar="N",
-                   help="write N samples (samples.png, samples.npy) from the checkpoint and exit")
+    g.add_argument("--i_print", type=pint, default=50, help="generator steps per metrics.jsonl line and checkpoint")
+    g.add_argument("--i_sample", type=pint, default=500, help="generator steps per samples_<step>.png grid")
+    g.add_argument("--sample_only", type=pint, default=None, metavar="N", help="write N samples and exit")
+    g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
     g.add_argument("--basedir", default="logs", help="where experiment folders go")
-    g.add_argument("--expname", default=None, help="experiment folder name (default: wgan[_gp]_<dataset>)")
+    g.add_argument("--expname", default=None, help="experiment folder (default: wgan[_gp]_<dataset>)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: all visible)")
-    g.add_argument("--no_reload", action="store_true", help="start fresh instead of resuming from ckpt.pt")
+    g.add_argument("--gpus", default=None, help="comma-separated GPU ids for DataParallel (default: --device only)")
+    g.add_argument("--no_reload", action="store_true", help="start afresh instead of resuming ckpt.pt")
     g.add_argument("--ckpt", default=None, help="checkpoint to load instead of logs/<expname>/ckpt.pt")
     return p
 
 
-def parse_args(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.preset:  # preset values replace defaults only: flags given explicitly still win
-        given = parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
-        for key, value in PRESETS[args.preset]["gp" if args.gp else "clip"].items():
-            if getattr(given, key) is None:
-                setattr(args, key, value)
+def preset_defaults(args):                                              # --preset paper, with its mode's learning rate
+    return {**PRESETS[args.preset], "lr": 1e-4 if args.gp else 5e-5} if args.preset else {}
+
+
+def check_args(args):
     args.critic_norm = args.critic_norm or ("layer" if args.gp else "batch")
     if args.gp and args.critic_norm == "batch":
         fail("batch norm makes each critic output depend on the whole batch, so the per-sample gradient penalty "
              "is wrong", "--critic_norm", "use layer or none with --gp (Gulrajani et al. sec. 4)")
-    size = args.image_size
-    if size < 8 or size & (size - 1) or size % 4:
-        fail(f"must be 4 x a power of two (8, 16, 32, 64, ...), got {size}", "--image_size", "e.g. --image_size 32")
+    if args.image_size < 8 or args.image_size & (args.image_size - 1) or args.image_size % 4:
+        fail(f"must be 4 x a power of two (8, 16, 32, 64, ...), got {args.image_size}", "--image_size", "e.g. 32")
     args.expname = args.expname or f"wgan{'_gp' if args.gp else ''}_{args.dataset}"
     return args
-
-
-# ---------------------------------------------------------------- data
-MIRRORS = {"mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-           "fashion": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-           "cifar10": ["https://www.cs.toronto.edu/~kriz/"]}
-MD5 = {  # published checksums
-    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-    "fashion": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-    "cifar10": {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}}
-IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
-CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes, row-major
-
-
-def download(url, path, md5):
-    """Stream url to path with a progress bar. The bytes go to path.part and take the final
-    name only once their md5 matches, so a failed or interrupted download leaves nothing."""
-    tmp, digest = path + ".part", hashlib.md5()
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            size = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != md5:
-            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fetch(dataset, folder, base_url=None, needed=None):
-    """Download whichever of the dataset's files are missing from folder (needed: the files that,
-    when present, make the download unnecessary; default the downloaded files themselves)."""
-    os.makedirs(folder, exist_ok=True)
-    for name, md5 in MD5[dataset].items():
-        path = os.path.join(folder, name)
-        if os.path.exists(path) or (needed and all(os.path.exists(os.path.join(folder, n)) for n in needed)):
-            continue
-        for base in [base_url] if base_url else MIRRORS[dataset]:
-            try:
-                download(base.rstrip("/") + "/" + name, path, md5)
-                break
-            except (OSError, ValueError, http.client.HTTPException) as e:
-                why = f"{base.rstrip('/')}/{name}: {e}"
-        else:
-            fail(f"cannot download {why}", path, f"no network? put {', '.join(MD5[dataset])} in {folder} by hand")
-
-
-def read_idx(path):
-    """Parse an idx file (gzipped or not): bytes 0-1 zero, byte 2 the dtype code, byte 3 the number
-    of dimensions, then one big-endian uint32 per dimension, then the data. -> numpy array."""
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # not gzip, or a truncated gzip stream
-        fail(f"unreadable idx file ({e})", path, "delete it to download it again, or replace it")
-    fix = "delete it to download it again, or replace it with the original file"
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
-        fail("not an idx file (bad magic number)", path, fix)
-    ndim, head = data[3], 4 + 4 * data[3]
-    if len(data) < head:
-        fail("truncated idx header", path, fix)
-    dims = struct.unpack(f">{ndim}I", data[4:head])
-    dtype = np.dtype(IDX_DTYPES[data[2]])
-    if len(data) - head != math.prod(dims) * dtype.itemsize:
-        fail(f"{len(data) - head} data bytes for shape {dims}: truncated or foreign file", path, fix)
-    return np.frombuffer(data, dtype, offset=head).reshape(dims)
-
-
-def load_idx_images(dataset, folder, base_url=None):
-    """-> (train, test) uint8 images (N, 1, 28, 28) of MNIST or Fashion-MNIST."""
-    fetch(dataset, folder, base_url)
-    out = []
-    for split in ("train", "t10k"):
-        path = os.path.join(folder, f"{split}-images-idx3-ubyte.gz")
-        images = read_idx(path)
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-            fail(f"expected uint8 images of 28x28, got {images.dtype} {images.shape}", path, "replace the file")
-        out.append(torch.from_numpy(images.copy()).unsqueeze(1))
-    return out
-
-
-def extract_cifar(archive, folder):
-    """Copy the six .bin members of the CIFAR-10 binary archive into folder. Members are matched by
-    base name and written under that name only, so no path in the archive can escape folder."""
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-            for name in CIFAR_FILES:
-                if name not in members:
-                    fail(f"archive has no {name}", archive, "delete it to download it again")
-                tmp = os.path.join(folder, name + ".part")
-                with tar.extractfile(members[name]) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                os.replace(tmp, os.path.join(folder, name))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        fail(f"unreadable archive ({e})", archive, "delete it to download it again")
-
-
-def load_cifar(folder, base_url=None):
-    """-> (train, test) uint8 images (N, 3, 32, 32) from the binary CIFAR-10 files: fixed-size records
-    of one label byte and 3072 pixel bytes (no pickle involved)."""
-    fetch("cifar10", folder, base_url, needed=CIFAR_FILES)
-    if not all(os.path.exists(os.path.join(folder, n)) for n in CIFAR_FILES):
-        extract_cifar(os.path.join(folder, "cifar-10-binary.tar.gz"), folder)
-    splits = []
-    for names in (CIFAR_FILES[:5], CIFAR_FILES[5:]):
-        parts = []
-        for name in names:
-            path = os.path.join(folder, name)
-            data = np.fromfile(path, np.uint8)
-            if len(data) == 0 or len(data) % CIFAR_RECORD:
-                fail(f"{len(data)} bytes is not a whole number of {CIFAR_RECORD}-byte records", path,
-                     "delete the .bin files to extract them again")
-            parts.append(torch.from_numpy(data.reshape(-1, CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32).copy()))
-        splits.append(torch.cat(parts))
-    return splits
-
-
-def make_shapes(n, size=32, seed=0):
-    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
-    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
-    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
-    u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
-    yy, xx = torch.meshgrid(u, u, indexing="ij")
-    for start in range(0, n, 500):
-        m = min(500, n - start)
-        kind = torch.randint(0, 4, (m, 1, 1), generator=g)
-        r = 0.3 + 0.4 * torch.rand(m, 1, 1, generator=g)              # radius, in half image widths
-        th = torch.rand(m, 1, 1, generator=g) * math.pi / 2           # rotation
-        cx, cy = (torch.rand(2, m, 1, 1, generator=g) * 2 - 1) * (0.95 - r)  # keep the shape inside
-        dx, dy = xx - cx, yy - cy
-        rx, ry = dx * th.cos() + dy * th.sin(), dy * th.cos() - dx * th.sin()  # rotated coordinates
-        dist = (dx ** 2 + dy ** 2).sqrt()
-        inside = torch.where(kind == 0, dist < r, torch.where(kind == 1, (dist - 0.7 * r).abs() < 0.3 * r,
-                 torch.where(kind == 2, torch.maximum(rx.abs(), ry.abs()) < 0.8 * r, rx.abs() + ry.abs() < r)))
-        out.append((F.avg_pool2d(inside.float().unsqueeze(1), 4) * 255).round().to(torch.uint8))
-    return torch.cat(out)
-
-
-def load_folder(root, size):
-    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
-    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1."""
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-    if len(files) < 2:
-        fail(f"found {len(files)} PNG/JPG/BMP images, need at least 2", root, "point --datadir at a folder of images")
-    images = []
-    for path in tqdm(files, desc="images", leave=False):
-        try:
-            a = np.asarray(iio.imread(path))
-        except Exception as e:  # imageio raises many types for a broken file
-            fail(f"cannot read image ({type(e).__name__})", path, "remove or replace the file")
-        a = a[..., None] if a.ndim == 2 else a[..., :3] if a.shape[-1] >= 3 else a[..., :1]  # drop alpha
-        scale = np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1.0
-        x = torch.from_numpy(a.astype(np.float32) / scale).permute(2, 0, 1)
-        h, w = x.shape[1:]
-        k = min(h, w)
-        x = x[:, (h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k]
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-    c = max(im.shape[0] for im in images)
-    return torch.stack([im.expand(c, -1, -1) for im in images])
-
-
-def load_dataset(args):
-    """-> (train, test) uint8 images (N, C, size, size). MNIST's 28x28 digits are padded with black
-    to 32x32 (the DCGAN shapes need 4 x 2^k), resized for other sizes. Folder and shapes hold out 10%."""
-    if args.dataset in ("mnist", "fashion"):
-        train, test = load_idx_images(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
-    elif args.dataset == "cifar10":
-        train, test = load_cifar(os.path.join(args.datadir, "cifar10"), args.data_url)
-    else:
-        images = make_shapes(10000, args.image_size) if args.dataset == "shapes" else \
-            load_folder(args.datadir, args.image_size)
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
-        n_test = max(1, len(images) // 10)
-        train, test = images[n_test:], images[:n_test]
-    if train.shape[-1] == 28 and args.image_size == 32:
-        train, test = F.pad(train, (2, 2, 2, 2)), F.pad(test, (2, 2, 2, 2))
-    elif train.shape[-1] != args.image_size:
-        resize = lambda x: F.interpolate(x.float(), size=args.image_size, mode="bilinear", antialias=True)  # noqa: E731
-        train, test = (resize(x).round().clamp(0, 255).to(torch.uint8) for x in (train, test))
-    return train, test
-
-
-def to_float(x):
-    return x.float() / 127.5 - 1  # uint8 -> [-1, 1], the range of the generator's tanh
 
 
 # ---------------------------------------------------------------- model
@@ -430,7 +211,7 @@ def critic_step(model, opt, real, lam=None, clip=None):
     opt.step()
     if clip is not None:
         clip_weights(raw.critic, clip)
-    norm = sums[3] if lam is not None else torch.tensor(float("nan"))
+    norm = sums[3] if lam is not None else torch.full_like(w, math.nan)  # on the device of the loss
     return torch.stack([w.detach(), loss.detach(), norm.detach()])
 
 
@@ -460,76 +241,16 @@ def make_optimizer(params, args):
     """RMSprop as in the WGAN paper (momentum made clipping unstable there, sec. 3). Under --gp, Adam with
     the WGAN-GP paper's betas (0, 0.9) rather than DCGAN's (0.5, 0.9): no momentum lets the critic follow
     a moving generator, and on MNIST it scored FD 18 against 40 after 2 minutes (benchmarks/results.md)."""
-    params = [p for p in params if p.requires_grad]
     if args.gp:
-        return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2)) if params else None
-    return torch.optim.RMSprop(params, lr=args.lr) if params else None
-
-
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any fnmatch pattern."""
-    names = [n for n, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
-            fail(f"pattern {pattern!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
-    for name, p in model.named_parameters():
-        p.requires_grad_(not any(fnmatch.fnmatch(name, pat) for pat in patterns))
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"frozen {n_frozen:,} parameters, trainable {n_train:,}")
-    if not any(p.requires_grad for p in model.generator.parameters()):
-        fail("every generator parameter is frozen", "--freeze", "match fewer parameters")
-
-
-def pick_devices(args):
-    """--device and --gpus -> (device, DataParallel ids); the model lives on the first id."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
-    if device.type != "cuda":
-        return device, []
-    n = torch.cuda.device_count()
-    if n == 0:
-        fail("CUDA is not available", "--device", "use --device cpu")
-    first = device.index or 0
-    gpus = args.gpus.split(",") if args.gpus else [first] + [i for i in range(n) if i != first]
-    if any(not str(i).isdigit() or int(i) >= n for i in gpus):
-        fail(f"{n} GPUs visible, asked for {args.gpus}", "--gpus", "list ids that exist, e.g. --gpus 0,1")
-    gpus = [int(i) for i in gpus]
-    return torch.device("cuda", gpus[0]), gpus
-
-
-def atomic(path, write):
-    """write(tmp) then rename: a crash or Ctrl-C never leaves a half-written file at path."""
-    root, ext = os.path.splitext(path)
-    write(f"{root}.tmp{ext}")
-    os.replace(f"{root}.tmp{ext}", path)
-
-
-def write_text(path, text):
-    atomic(path, lambda p: pathlib.Path(p).write_text(text))
-
-
-def load_checkpoint(path, device):
-    """A tiny_wgan checkpoint as a dict, or a one-line error."""
-    if not os.path.exists(path):
-        fail("no such checkpoint", path, "train first, or pass --ckpt PATH")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch.load raises many types for a foreign or damaged file
-        fail(f"not a readable checkpoint ({type(e).__name__})", path, "pass a ckpt.pt written by tiny_wgan.py")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "tiny_wgan":
-        fail("not a tiny_wgan checkpoint", path, "pass a ckpt.pt written by tiny_wgan.py")
-    return ckpt
+        return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2))
+    return torch.optim.RMSprop(params, lr=args.lr)
 
 
 # ---------------------------------------------------------------- evaluation & outputs
 @torch.no_grad()
 def generate(model, z, batch_size):
-    """G(z) in batches of the training batch size (batch norm uses batch statistics). -> [-1, 1] images."""
-    return torch.cat([model.generator(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+    """G(z) in batches of the training batch size (batch norm uses batch statistics). -> images in [0, 1]."""
+    return torch.cat([model.generator(z[i:i + batch_size]) for i in range(0, len(z), batch_size)]) * 0.5 + 0.5
 
 
 @torch.no_grad()
@@ -544,157 +265,483 @@ def wasserstein_estimate(model, images, batch_size, device, seed=0):
     return total / len(images)
 
 
-def save_grid(path, images, nrow):
-    """images (N, C, H, W) in [-1, 1] -> one PNG, nrow images per row, 2-pixel grey gaps."""
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros((c, rows * (h + 2) + 2, nrow * (w + 2) + 2))
-    for i, im in enumerate(images.cpu()):
-        r, q = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
-    pixels = to_uint8(grid.unsqueeze(0))[0].permute(1, 2, 0).numpy()
-    atomic(path, lambda p: iio.imwrite(p, pixels[..., 0] if c == 1 else pixels))
-
-
-def to_uint8(x):
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # [-1, 1] -> 0..255
-
-
 def sample_only(args, device, expdir):
-    """--sample_only N: N samples from --ckpt (default ckpt.pt), as a grid and as samples.npy,
-    uint8 (N, H, W) or (N, H, W, C)."""
+    """--sample_only N: G(z) for N draws z ~ N(0, I) from --ckpt (default ckpt.pt) as samples.png and samples.npy."""
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     ckpt = load_checkpoint(path, device)
     model = WGAN(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     z = torch.randn(args.sample_only, model.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    x = generate(model, z, ckpt["args"]["batch_size"])
-    pixels = to_uint8(x).permute(0, 2, 3, 1).numpy()
-    os.makedirs(expdir, exist_ok=True)
-    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if x.shape[1] == 1 else pixels))
-    save_grid(os.path.join(expdir, "samples.png"), x, math.ceil(math.sqrt(args.sample_only)))
+    write_samples(expdir, generate(model, z, ckpt["args"]["batch_size"]))
     print(f"wrote {args.sample_only} samples from {path} to {expdir}/samples.png and samples.npy")
     return {"samples": args.sample_only, "ckpt": path}
 
 
+# ---------------------------------------------------------------- data
+CIFAR_MD5, CIFAR_URL = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}, "https://www.cs.toronto.edu/~kriz/"
+CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes, row-major
+
+
+def load_cifar(folder, base_url=None):
+    """-> (train, test) uint8 images (N, 3, 32, 32) from the binary CIFAR-10 files: fixed-size records of one label
+    byte and 3072 pixel bytes (no pickle involved). The six .bin members of the archive are matched by base name and
+    written under that name only, so no path in the archive can escape folder."""
+    if not all(os.path.exists(os.path.join(folder, name)) for name in CIFAR_FILES):
+        fetch(folder, CIFAR_MD5, base_url or CIFAR_URL)
+        archive = os.path.join(folder, "cifar-10-binary.tar.gz")
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+                for name in CIFAR_FILES:
+                    with tar.extractfile(members[name]) as src:
+                        atomic(os.path.join(folder, name), lambda p: pathlib.Path(p).write_bytes(src.read()))
+        except (tarfile.TarError, OSError, EOFError, KeyError) as e:
+            fail(f"unreadable archive ({type(e).__name__}: {e})", archive, "delete it to download it again")
+    splits = []
+    for names in (CIFAR_FILES[:5], CIFAR_FILES[5:]):
+        parts = []
+        for name in names:
+            data = np.fromfile(os.path.join(folder, name), np.uint8)
+            if len(data) == 0 or len(data) % CIFAR_RECORD:
+                fail(f"{len(data)} bytes is not a whole number of {CIFAR_RECORD}-byte records",
+                     os.path.join(folder, name), "delete the .bin files to extract them again")
+            parts.append(torch.from_numpy(data.reshape(-1, CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32).copy()))
+        splits.append(torch.cat(parts))
+    return splits
+
+
+def load_dataset(args):
+    """-> (train, test) uint8 images (N, C, size, size). MNIST's 28x28 digits are padded with black
+    to 32x32 (the DCGAN shapes need 4 x 2^k), resized for other sizes. Folder and shapes hold out 10%."""
+    if args.dataset in ("mnist", "fashion"):
+        train, test = load_idx_images(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
+    elif args.dataset == "cifar10":
+        train, test = load_cifar(os.path.join(args.datadir, "cifar10"), args.data_url)
+    else:
+        images = make_shapes(10000, args.image_size) if args.dataset == "shapes" else \
+            load_folder(args.datadir, args.image_size)
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
+        n_test = max(1, len(images) // 10)
+        train, test = images[n_test:], images[:n_test]
+    if train.shape[-1] == 28 and args.image_size == 32:
+        train, test = F.pad(train, (2, 2, 2, 2)), F.pad(test, (2, 2, 2, 2))
+    elif train.shape[-1] != args.image_size:
+        resize = lambda x: F.interpolate(x.float(), size=args.image_size, mode="bilinear", antialias=True)  # noqa: E731
+        train, test = (resize(x).round().clamp(0, 255).to(torch.uint8) for x in (train, test))
+    return train, test
+
+
+def to_float(x):
+    return x.float() / 127.5 - 1                                        # uint8 -> [-1, 1], the range of G's tanh
+
+
+IDX_URLS = {"mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "fashion": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"}
+IDX_FILES = [f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+IDX_MD5 = {"mnist": dict(zip(IDX_FILES, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                         "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"])),
+           "fashion": dict(zip(IDX_FILES, ["8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                           "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"]))}
+IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def fetch(folder, files, url):
+    """Download whichever of files ({name: published md5}) folder lacks from url/<name>."""
+    for name, md5 in files.items():
+        try:
+            if not os.path.exists(os.path.join(folder, name)):
+                os.makedirs(folder, exist_ok=True)
+                download(url.rstrip("/") + "/" + name, os.path.join(folder, name), md5)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            fail(f"cannot download {url.rstrip('/')}/{name} ({e})", os.path.join(folder, name), f"no network? put "
+                 f"{', '.join(files)} in {folder} by hand, point --datadir at a data root that has them, or train "
+                 "on generated images: --dataset shapes")
+
+
+def read_idx(path):
+    """An idx file (gzipped or not) -> numpy array: bytes 0-1 zero, byte 2 the dtype code, byte 3 the number of
+    dimensions, a big-endian uint32 per dimension, then the values."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+            raise ValueError("bad magic number")
+        head = 4 + 4 * data[3]
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(struct.unpack(f">{data[3]}I", data[4:head]))
+    except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
+        fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
+
+
+def load_idx_images(dataset, folder, base_url=None):
+    """-> (train, test) uint8 images (N, 1, 28, 28) of MNIST or Fashion-MNIST, downloaded if missing."""
+    fetch(folder, IDX_MD5[dataset], base_url or IDX_URLS[dataset])
+    out = []
+    for split in ("train", "t10k"):
+        path = os.path.join(folder, f"{split}-images-idx3-ubyte.gz")
+        images = read_idx(path)
+        if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+            fail(f"expected uint8 images of 28x28, got {images.dtype} {images.shape}", path, "replace the file")
+        out.append(torch.from_numpy(images.copy()).unsqueeze(1))
+    return out
+
+
+def make_shapes(n, size, seed=0):
+    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
+    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
+    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
+    u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
+    yy, xx = torch.meshgrid(u, u, indexing="ij")
+    for start in range(0, n, 500):
+        m = min(500, n - start)
+        kind = torch.randint(0, 4, (m, 1, 1), generator=g)
+        r = 0.3 + 0.4 * torch.rand(m, 1, 1, generator=g)              # radius, in half image widths
+        th = torch.rand(m, 1, 1, generator=g) * math.pi / 2           # rotation
+        cx, cy = (torch.rand(2, m, 1, 1, generator=g) * 2 - 1) * (0.95 - r)  # keep the shape inside
+        dx, dy = xx - cx, yy - cy
+        rx, ry = dx * th.cos() + dy * th.sin(), dy * th.cos() - dx * th.sin()  # rotated coordinates
+        dist = (dx ** 2 + dy ** 2).sqrt()
+        inside = torch.where(kind == 0, dist < r, torch.where(kind == 1, (dist - 0.7 * r).abs() < 0.3 * r,
+                 torch.where(kind == 2, torch.maximum(rx.abs(), ry.abs()) < 0.8 * r, rx.abs() + ry.abs() < r)))
+        out.append((F.avg_pool2d(inside.float().unsqueeze(1), 4) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def load_folder(root, size):
+    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
+    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
+    if len(files) < 3:
+        fail(f"found {len(files)} PNG/JPG/BMP images, need at least 3", root, "point --datadir at a folder of images")
+    images = []
+    for path in tqdm(files, desc="images", leave=False):
+        try:
+            a = np.asarray(iio.imread(path))
+        except Exception as e:                                          # imageio raises many types for a broken file
+            fail(f"cannot read image ({type(e).__name__})", path, "remove or replace the file")
+        a = a[..., None] if a.ndim == 2 else a[..., :3] if a.shape[-1] >= 3 else a[..., :1]  # drop alpha
+        x = torch.from_numpy(a.astype(np.float32) / (np.iinfo(a.dtype).max if a.dtype.kind in "ui" else 1.0))
+        h, w, k = *x.shape[:2], min(x.shape[:2])
+        x = x[(h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k].permute(2, 0, 1)  # the centre square
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
+    c = max(im.shape[0] for im in images)
+    return torch.stack([im.expand(c, -1, -1) for im in images])
+
+
+def grid(images, nrow):
+    """images (N, C, H, W) in [0, 1] -> one picture, uint8 (H', W') or (H', W', C): nrow per row, 2-pixel grey gaps."""
+    n, c, h, w = images.shape
+    canvas = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
+    for i, im in enumerate(images.cpu()):
+        r, q = divmod(i, nrow)
+        canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
+    pixels = to_uint8(canvas.permute(1, 2, 0))
+    return pixels[..., 0] if c == 1 else pixels
+
+
+def write_samples(expdir, images):
+    """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
+    pixels = to_uint8(images.permute(0, 2, 3, 1))
+    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if images.shape[1] == 1 else pixels))
+    save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
+
+
+# ---------------------------------------------------------------- harness (identical in all four scripts)
+# Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
+# in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
+# get_parser, preset_defaults and check_args are each script's own.
+def fail(what, where, fix):
+    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+    raise SystemExit(f"error: {what} ({where}): {fix}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
+
+    def error(self, message):
+        hints = []
+        for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
+            close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
+            hints.append(f"{flag} is {ALIASES[flag]} here" if flag in ALIASES else
+                         f"did you mean {' or '.join(close)}?" if close else f"{flag} has no equivalent here")
+        fail(message, "command line", "; ".join(hints + [f"see python {SCRIPT}.py --help"]))
+
+
+def positive(kind, zero=False):                                         # an argparse type: > 0, or >= 0
+    def check(text):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
+        return value
+    return check
+
+
+def parse_args(argv=None):
+    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+    parser = get_parser()
+    parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
+    args = check_args(parser.parse_args(argv))
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("the tensorboard package is not installed", "--tensorboard", "pip install tensorboard, or drop the flag")
+    return args
+
+
+def pick_devices(args):
+    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name) or name == "cpu" and args.gpus:
+        fail(f"no such device, or --gpus on the CPU: {name} {args.gpus or ''}", "--device", "use auto, cpu, cuda[:N]")
+    if name == "cpu":
+        return torch.device("cpu"), []
+    n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
+    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+        fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or --device cpu")
+    torch.cuda.set_device(int(gpus[0]))
+    return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
+
+
+def freeze(model, patterns):
+    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+    names = [n for n, _ in model.named_parameters()]
+    if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
+        fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0 or patterns:
+        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
+    if n_train == 0:
+        fail("every parameter is frozen", "--freeze", "match fewer parameters")
+
+
+def atomic(path, write):                                                # write(tmp), rename: never half a file
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+def write_text(path, text):
+    atomic(path, lambda p: pathlib.Path(p).write_text(text))
+
+
+def save_png(path, pixels):
+    atomic(path, lambda p: iio.imwrite(p, pixels))
+
+
+def to_uint8(x):                                                        # [0, 1] -> uint8 numpy: pictures, video
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def make_expdir(args):
+    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+    expdir = os.path.join(args.basedir, args.expname)
+    try:
+        os.makedirs(expdir, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
+    if not os.access(expdir, os.W_OK):
+        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+    return expdir
+
+
+def download(url, path, md5=None):
+    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+    tmp, digest = path + ".part", hashlib.md5()
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
+                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True) as bar:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                bar.update(f.write(chunk))
+        if md5 and digest.hexdigest() != md5:
+            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fingerprint(name, *tensors):                                        # what a run trains on, for its checkpoint
+    return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
+
+
+def save_checkpoint(path, model, optimizers, step, state, args, data):
+    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+    atomic(path, lambda p: torch.save({
+        "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
+        "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()}, "rng": rng, "args": vars(args),
+        "data": data}, p))
+
+
+def load_checkpoint(path, device):
+    """A checkpoint this script wrote, as a dict, or a one-line error."""
+    if not os.path.isfile(path):
+        fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:                                              # many types for a foreign or damaged file
+        fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
+        fail(f"not a {SCRIPT} checkpoint, or an old one", path, f"pass one written by this {SCRIPT}.py, or --no_reload")
+    return ckpt
+
+
+def resume(args, expdir, model, optimizers, state, data, device):
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
+    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
+    if not args.ckpt and (args.no_reload or not os.path.exists(path)):
+        return 0
+    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    for key, value in model.config.items():
+        if ckpt["model_args"].get(key) != value:
+            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if ckpt["data"]["sha1"] != data["sha1"]:
+        fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
+    for key, opt in optimizers.items():
+        if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
+            fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
+        opt.load_state_dict(ckpt["optimizers"][key])
+    model.load_state_dict(ckpt["model"])
+    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    state.update(ckpt["state"])
+    print(f"resumed {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+class Run:
+    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
+    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
+    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+
+    def __init__(self, args, expdir, step, steps, seconds, flag):
+        self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
+        old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
+        write_text(self.path, "".join(f"{line}\n" for line in old if line.endswith("}") and json.loads(line)["step"]
+                                      <= step))                         # ("}": not a line cut short by a crash)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.board = SummaryWriter(expdir, purge_step=step)
+        self.bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+        self.steps, self.budget = steps, (args.max_minutes or math.inf) * 60
+        if step >= steps or seconds >= self.budget:
+            why = f"its {steps} steps are done: raise {flag}" if step >= steps else "--max_minutes is spent: raise it"
+            self.bar.write(f"nothing left to train at step {step}, evaluating; {why} to train on, or --no_reload")
+
+    def over(self, seconds):                                            # Ctrl-C, or the time budget is spent
+        return self.stopped or seconds >= self.budget
+
+    def advance(self, step, seconds, **postfix):
+        if self.budget < math.inf and step > self.bar.initial:          # steps per second in this session so far
+            rate = (step - self.bar.initial) / max(time.time() - self.bar.start_t, 1e-9)
+            self.bar.total = min(self.steps, step + round(rate * max(self.budget - seconds, 0)))
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items() if self.board else ():
+            if key != "step" and isinstance(value, (int, float)):
+                self.board.add_scalar(key, value, record["step"])
+        if self.board and image is not None:
+            image = iio.imread(image) if isinstance(image, str) else image
+            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
+        if self.board:
+            self.board.flush()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():      # only it can catch signals
+            self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def catch(self, signum, frame):
+        self.stopped = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def interrupted(step, path):                                            # after Ctrl-C: one line, exit status 130
+    print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
+    raise SystemExit(130)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     device, gpus = pick_devices(args)
-    expdir = os.path.join(args.basedir, args.expname)
+    expdir = make_expdir(args)
+    torch.manual_seed(args.seed)
     if args.sample_only:
         return sample_only(args, device, expdir)
 
+    # data, model and optimizers, resumed from the run's checkpoint if it has one
     train, test = load_dataset(args)
-    if len(train) < args.batch_size:
-        fail(f"{len(train)} training images, fewer than one batch", "--batch_size", f"use at most {len(train)}")
+    data = fingerprint(f"{args.dataset}, {len(train)} training images of {args.image_size}", train)
     raw = WGAN(train.shape[1], args.image_size, args.nz, args.ngf, args.ndf, args.critic_norm).to(device)
-    state = {"step": 0, "critic_steps": 0, "drawn": 0, "in_step": 0, "seconds": 0.0}  # counters of the run
-    ckpt_path = os.path.join(expdir, "ckpt.pt")
-    ckpt = None
-    if args.ckpt or (os.path.exists(ckpt_path) and not args.no_reload):  # resume the same run
-        ckpt = load_checkpoint(args.ckpt or ckpt_path, device)
-        for key, value in raw.config.items():
-            if ckpt["model_args"][key] != value:
-                fail(f"checkpoint has {key}={ckpt['model_args'][key]}, this run {value}", args.ckpt or ckpt_path,
-                     "use the same flags, --no_reload to start fresh, or another --expname")
-        if bool(ckpt["args"]["gp"]) != bool(args.gp):
-            fail(f"checkpoint was trained with {'--gp' if ckpt['args']['gp'] else 'clipping'}", args.ckpt or ckpt_path,
-                 "use the same mode, --no_reload to start fresh, or another --expname")
-        raw.load_state_dict(ckpt["model"])
-    if args.freeze:
-        freeze(raw, args.freeze)
     opt_d, opt_g = make_optimizer(raw.critic.parameters(), args), make_optimizer(raw.generator.parameters(), args)
-    if ckpt is not None:
-        for opt, key in ((opt_d, "opt_d"), (opt_g, "opt_g")):
-            if opt is not None and ckpt.get(key) is not None:
-                try:
-                    opt.load_state_dict(ckpt[key])
-                except ValueError:
-                    fail("its optimizer state does not fit this run", args.ckpt or ckpt_path,
-                         "use the same --gp and --freeze flags, or --no_reload to start fresh")
-        state.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"].cpu())
-        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-        print(f"resumed from {args.ckpt or ckpt_path} at generator step {state['step']}")
+    state = {"critic_steps": 0, "drawn": 0, "in_step": 0, "seconds": 0.0, "sums": torch.zeros(6)}
+    step = resume(args, expdir, raw, {"critic": opt_d, "generator": opt_g}, state, data, device)
+    sums = state["sums"]                                                # W, critic loss, norm, G loss, critic/G steps
+    freeze(raw, args.freeze)
+    if not any(p.requires_grad for p in raw.generator.parameters()):
+        fail("every generator parameter is frozen", "--freeze", "match fewer parameters")
+    critic_trains = any(p.requires_grad for p in raw.critic.parameters())
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the losses are computed per replica
-
-    os.makedirs(expdir, exist_ok=True)
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
-    metrics_path = os.path.join(expdir, "metrics.jsonl")
-    old = pathlib.Path(metrics_path).read_text().splitlines() if os.path.exists(metrics_path) and state["step"] else []
-    write_text(metrics_path, "".join(line + "\n" for line in old if json.loads(line)["step"] <= state["step"]))
-
-    def save_checkpoint():
-        atomic(ckpt_path, lambda p: torch.save({
-            "script": "tiny_wgan", "model_args": raw.config, "model": raw.state_dict(), "state": dict(state),
-            "opt_d": opt_d.state_dict() if opt_d else None, "opt_g": opt_g.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "args": vars(args)}, p))
-
-    orders = {}
-
-    def next_batch():
-        """Batches run through the training images epoch by epoch; an epoch's order depends on (seed, epoch)."""
-        epoch, i = divmod(state["drawn"], len(train) // args.batch_size)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        state["drawn"] += 1
-        return to_float(train[orders[epoch][i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
-
-    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)  # the grids' noise
-    lam, clip = args.gp, None if args.gp else args.clip_value
-    budget = (args.max_minutes or math.inf) * 60
+    ckpt_path = os.path.join(expdir, "ckpt.pt")
     print(f"{len(train)} train / {len(test)} held-out images of {tuple(train.shape[1:])}, generator "
           f"{sum(p.numel() for p in raw.generator.parameters()):,} / critic {sum(p.numel() for p in raw.critic.parameters()):,}"
-          f" parameters, {'WGAN-GP lambda=%g' % lam if lam else 'clipping c=%g' % clip}, {device}")
-    stop = []                                                          # Ctrl-C: finish the step, save, exit
+          f" parameters, {f'WGAN-GP lambda={args.gp:g}' if args.gp else f'clipping c={args.clip_value:g}'}, {device}")
 
-    def on_ctrl_c(*_):
-        stop.append(True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)       # a second Ctrl-C stops at once
-    in_main = threading.current_thread() is threading.main_thread()   # only there can Python catch signals
-    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
-    bar = tqdm(total=args.iters, initial=state["step"], desc="train", dynamic_ncols=True)
-    start, running, n_d, g_loss, n_g, tic = time.time() - state["seconds"], torch.zeros(3), 0, 0.0, 0, time.time()
-    try:
-        while state["step"] < args.iters and state["seconds"] < budget and not stop:
-            step = state["step"]
-            while opt_d is not None and state["in_step"] < n_critic_at(step, args.n_critic, args.paper_schedule):
-                running += critic_step(model, opt_d, next_batch(), lam, clip).cpu()  # WGAN algorithm 1, lines 2-8
-                state["in_step"], state["critic_steps"], n_d = state["in_step"] + 1, state["critic_steps"] + 1, n_d + 1
-                if stop:
-                    break
-            if stop:
+    def next_batch():                                                   # epoch after epoch; an epoch's order: (seed, epoch)
+        epoch, i = divmod(state["drawn"], max(1, len(train) // args.batch_size))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+        state["drawn"] += 1
+        return to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
+
+    # train: n_critic critic steps (WGAN algorithm 1, lines 2-8), then a generator step (lines 9-10)
+    fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)  # the grids' noise
+    start = time.time() - state["seconds"]
+    with Run(args, expdir, step, args.iters, state["seconds"], "--iters") as run:
+        while step < args.iters and not run.over(state["seconds"]):
+            while critic_trains and state["in_step"] < n_critic_at(step, args.n_critic, args.paper_schedule) \
+                    and not run.stopped:
+                terms = critic_step(model, opt_d, next_batch(), args.gp, None if args.gp else args.clip_value)
+                sums += torch.cat([terms.cpu(), torch.tensor([0.0, 1.0, 0.0])])
+                state["in_step"], state["critic_steps"] = state["in_step"] + 1, state["critic_steps"] + 1
+            if run.stopped:                                             # between critic steps: resumes there
                 break
-            g_loss += generator_step(model, opt_g, args.batch_size, device).item()  # lines 9-10
-            state["step"], state["in_step"], n_g = step + 1, 0, n_g + 1
-            state["seconds"] = time.time() - start
-            bar.update()
-            if state["step"] % args.i_print == 0 or state["step"] == args.iters or state["seconds"] >= budget:
-                w, loss_d, norm = (running / max(n_d, 1)).tolist()
-                record = {"step": state["step"], "critic_steps": state["critic_steps"], "wasserstein": w,
-                          "loss_d": loss_d, "loss_g": g_loss / max(n_g, 1), "grad_norm": norm if lam else None,
-                          "lr": args.lr, "g_steps_per_s": round(n_g / (time.time() - tic), 3),
-                          "seconds": round(state["seconds"], 2)}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(W=f"{w:.4f}", loss_g=f"{record['loss_g']:.4f}")
-                running, n_d, g_loss, n_g, tic = torch.zeros(3), 0, 0.0, 0, time.time()
-                save_checkpoint()
-            if state["step"] % args.i_sample == 0:
-                save_grid(os.path.join(expdir, f"samples_{state['step']}.png"), generate(raw, fixed_z, args.batch_size), 8)
-    finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    save_checkpoint()
-    if stop:
-        raise SystemExit(f"interrupted at generator step {state['step']}: saved {ckpt_path}; run the same command to resume")
+            sums += torch.tensor([0, 0, 0, generator_step(model, opt_g, args.batch_size, device).item(), 0, 1])
+            step, state["in_step"], state["seconds"] = step + 1, 0, time.time() - start
+            run.advance(step, state["seconds"])
+            samples = os.path.join(expdir, f"samples_{step}.png")
+            if step % args.i_sample == 0:
+                save_png(samples, grid(generate(raw, fixed_z, args.batch_size), 8))
+            if step % args.i_print == 0 or step == args.iters or run.over(state["seconds"]):
+                w, loss_d, norm = (sums[:3] / max(sums[4].item(), 1)).tolist()
+                loss_g = (sums[3] / sums[5]).item()
+                run.log({"step": step, "critic_steps": state["critic_steps"], "wasserstein": w, "loss_d": loss_d,
+                         "loss_g": loss_g, "grad_norm": norm if args.gp else None, "lr": args.lr,
+                         "seconds": round(state["seconds"], 2)}, samples if step % args.i_sample == 0 else None)
+                run.advance(step, state["seconds"], W=f"{w:.4f}", loss_g=f"{loss_g:.4f}")
+                sums.zero_()
+                save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
+    save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
+    if run.stopped:
+        interrupted(step, ckpt_path)
 
-    step = state["step"]
-    save_grid(os.path.join(expdir, f"samples_{step}.png"), generate(raw, fixed_z, args.batch_size), 8)
+    # the final samples and the critic's estimate on held-out images
+    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(generate(raw, fixed_z, args.batch_size), 8))
     w = wasserstein_estimate(raw, test, args.batch_size, device)
     final = {"step": step, "critic_steps": state["critic_steps"], "wasserstein_test": w,
              "train_seconds": round(state["seconds"], 2), "held_out_images": len(test)}
@@ -707,5 +754,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # outside training, or a second Ctrl-C: ckpt.pt holds the last saved state
-        raise SystemExit("interrupted")
+    except KeyboardInterrupt:                                           # outside the training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)

@@ -1,7 +1,9 @@
-"""Helpers shared by the test files: one-line user errors and generated idx files."""
+"""Helpers shared by the test files: one-line user errors, generated idx files, Ctrl-C, metrics rows."""
 import gzip
 import hashlib
+import math
 import os
+import signal
 import struct
 
 import numpy as np
@@ -48,17 +50,38 @@ def rejects_foreign_checkpoints(error_of, argv, folder, script):
     assert "not a readable checkpoint" in error_of(argv + ["--ckpt", junk])
 
 
-def interrupt_on_call(monkeypatch, module, name, n):
-    """Make module.name raise KeyboardInterrupt (Ctrl-C) on its n-th call; -> a function that undoes it."""
+def ctrl_c_during_call(monkeypatch, module, name, n):
+    """Send SIGINT (Ctrl-C) to this process during the n-th call of module.name; -> a function that undoes it."""
     calls, real = [0], getattr(module, name)
 
     def interrupted(*a, **k):
         calls[0] += 1
         if calls[0] == n:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real(*a, **k)
     monkeypatch.setattr(module, name, interrupted)
     return lambda: monkeypatch.setattr(module, name, real)
+
+
+def stops_with_130(main, argv, capsys, step):
+    """main(argv) must stop as after Ctrl-C: exit status 130 and one line naming the step it saved."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 130
+    assert f"interrupted at step {step}: saved " in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling is put back
+
+
+def same_rows(a, b, tol=1e-5):
+    """Two lists of metrics rows agree: the same keys, numbers within tol, everything else equal."""
+    assert len(a) == len(b), (len(a), len(b))
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), (x, y)
+        for key in x:
+            if isinstance(x[key], float) or isinstance(y[key], float):
+                assert math.isclose(x[key], y[key], rel_tol=tol, abs_tol=tol), (key, x, y)
+            else:
+                assert x[key] == y[key], (key, x, y)
 
 
 def rejects_bad_idx_and_empty_folder(error_of, root):

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_nerf  # noqa: E402
-from helpers import interrupt_on_call, one_line_error, rejects_foreign_checkpoints  # noqa: E402
+from helpers import ctrl_c_during_call, one_line_error, rejects_foreign_checkpoints, same_rows, stops_with_130  # noqa
 
 SMALL = ["--netdepth", "2", "--netwidth", "32", "--netdepth_fine", "2", "--netwidth_fine", "32", "--multires", "4",
          "--multires_views", "2", "--N_samples", "16", "--N_importance", "16", "--N_rand", "256", "--precrop_iters", "0",
@@ -190,16 +190,20 @@ def test_cli_learns_procedural_scene_and_writes_every_output(datadir, tmp_path, 
     rows = [json.loads(line) for line in open(expdir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [100, 200, 300] and rows[0]["psnr"] < rows[-2]["psnr"]
     assert [r["step"] for r in rows if "test_psnr" in r] == [200, 300]
-    metrics = json.load(open(expdir / "testset_300" / "metrics.json"))
-    assert sorted(metrics["per_view"], key=int) == [str(i) for i in range(8)]
+    metrics_text = (expdir / "testset_300" / "metrics.json").read_text()
+    metrics = json.loads(metrics_text)
+    assert sorted(metrics["per_view"]) == sorted(f"r_{i}" for i in range(8))   # named after the ground truth
     assert metrics["psnr"] == pytest.approx(np.mean([v["psnr"] for v in metrics["per_view"].values()]))
     png = torch.from_numpy(iio.imread(expdir / "testset_300" / "r_5.png")).float() / 255   # the PNG is the scored image
     assert tiny_nerf.mse2psnr(((png - data["test_images"][5]) ** 2).mean()) == pytest.approx(
-        metrics["per_view"]["5"]["psnr"], abs=0.05)
+        metrics["per_view"]["r_5"]["psnr"], abs=0.05)
     frames = iio.imread(expdir / final["video"])
     assert frames.shape[:3] == (40, 32, 64)                            # 40 frames, rgb beside disparity
+    assert json.load(open(expdir / "final.json"))["psnr"] == final["psnr"]
     rendered = tiny_nerf.main(argv + ["--render_only", "--expname", "nerf_procedural", "--render_factor", "2"])
     assert rendered["step"] == 300 and rendered["size"] == [16, 16] and rendered["psnr"] > baseline + 4
+    assert (expdir / "render_only_300" / "testset_300" / "r_0.png").exists()   # apart from the training run's
+    assert (expdir / "testset_300" / "metrics.json").read_text() == metrics_text
 
 
 def run_rows(expdir):
@@ -207,21 +211,20 @@ def run_rows(expdir):
             for line in open(expdir / "metrics.jsonl") if "loss" in line]
 
 
-def test_resume_continues_the_same_run(datadir, tmp_path, monkeypatch):
+def test_resume_continues_the_same_run(datadir, tmp_path, monkeypatch, capsys):
     common = ["--scene", "procedural", "--proc_size", "16", "--datadir", str(datadir), "--basedir", str(tmp_path)] + SMALL
     straight = tiny_nerf.main(common + ["--expname", "a", "--N_iters", "20"])
     tiny_nerf.main(common + ["--expname", "b", "--N_iters", "10"])      # stop ...
     resumed = tiny_nerf.main(common + ["--expname", "b", "--N_iters", "20"])  # ... and go on
     assert resumed["step"] == straight["step"] == 20 and resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
-    assert run_rows(tmp_path / "a") == pytest.approx(run_rows(tmp_path / "b"), abs=1e-5)
+    same_rows(run_rows(tmp_path / "a"), run_rows(tmp_path / "b"))
 
-    undo = interrupt_on_call(monkeypatch, tiny_nerf, "train_step", 8)  # Ctrl-C in the middle of a log interval
-    with pytest.raises(SystemExit, match="interrupted at step 7"):
-        tiny_nerf.main(common + ["--expname", "c", "--N_iters", "20"])
+    undo = ctrl_c_during_call(monkeypatch, tiny_nerf, "train_step", 8)  # Ctrl-C in the middle of a log interval
+    stops_with_130(tiny_nerf.main, common + ["--expname", "c", "--N_iters", "20"], capsys, 8)  # step 8 finishes
     undo()
     resumed = tiny_nerf.main(common + ["--expname", "c", "--N_iters", "20"])
     assert resumed["psnr"] == pytest.approx(straight["psnr"], abs=1e-4)
-    assert run_rows(tmp_path / "c") == pytest.approx(run_rows(tmp_path / "a"), abs=1e-5)
+    same_rows(run_rows(tmp_path / "c"), run_rows(tmp_path / "a"))
     a, c = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in "ac")
     assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
@@ -247,6 +250,17 @@ def test_missing_image(broken):
     os.remove(scene / "train" / "r_3.png")
     msg = error_of(argv)
     assert "missing image" in msg and str(scene / "train" / "r_3.png") in msg
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_camera_matrix_that_is_not_finite(broken, value):
+    scene, argv = broken
+    path = scene / "transforms_train.json"
+    meta = json.loads(path.read_text())
+    meta["frames"][3]["transform_matrix"][0][3] = float(value)        # written as NaN / Infinity, as numpy would
+    path.write_text(json.dumps(meta))
+    msg = error_of(argv)
+    assert "finite 4x4 transform_matrix" in msg and str(path) in msg
 
 
 def test_inconsistent_image_sizes(broken):

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tiny_vae  # noqa: E402
-from helpers import (fake_mnist, interrupt_on_call, one_line_error, rejects_bad_idx_and_empty_folder,  # noqa: E402
-                     rejects_foreign_checkpoints, write_idx)
+from helpers import (ctrl_c_during_call, fake_mnist, one_line_error, rejects_bad_idx_and_empty_folder,  # noqa: E402
+                     rejects_foreign_checkpoints, same_rows, stops_with_130, write_idx)
 
 
 def small_vae(arch="conv", latent_dim=4, likelihood="bernoulli"):
@@ -81,7 +81,7 @@ def test_iw_with_one_sample_is_the_elbo_and_more_samples_are_tighter():
     err = (kl_mc.mean(0) - kl).abs()
     assert (err < 5 * kl_mc.std(0) / math.sqrt(n) + 1e-4).all(), (kl_mc.mean(0), kl)
     images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
-    elbo = tiny_vae.evaluate(model, images, 64, torch.device("cpu"))[0]
+    elbo = tiny_vae.evaluate(model, images, torch.device("cpu"), 64)["nelbo"]
     iw1 = tiny_vae.iw_nll(model, images, 1, torch.device("cpu"))
     iw50 = tiny_vae.iw_nll(model, images, 50, torch.device("cpu"))
     assert abs(iw1 - elbo) < 0.01 * elbo          # one-sample bounds of the same quantity
@@ -133,23 +133,22 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
 def test_idx_dataset_checks_image_size(tmp_path):
     fake_mnist(str(tmp_path / "mnist"), size=20)
     with pytest.raises(SystemExit, match="28x28"):
-        tiny_vae.load_idx_dataset("mnist", str(tmp_path / "mnist"))
+        tiny_vae.load_idx_images("mnist", str(tmp_path / "mnist"))
 
 
 def test_download_verifies_md5(http_dir, tmp_path, monkeypatch):
     served, url = http_dir
     md5 = fake_mnist(str(served))
-    monkeypatch.setitem(tiny_vae.MD5, "mnist", md5)
+    monkeypatch.setitem(tiny_vae.IDX_MD5, "mnist", md5)
     target = str(tmp_path / "data" / "mnist")
-    train, labels, test, _ = tiny_vae.load_idx_dataset("mnist", target, url)
-    assert train.shape == (40, 1, 28, 28) and test.shape == (20, 1, 28, 28) and len(labels) == 40
+    train, test = tiny_vae.load_idx_images("mnist", target, url)
+    assert train.shape == (40, 1, 28, 28) and test.shape == (20, 1, 28, 28)
     assert sorted(os.listdir(target)) == sorted(md5)
 
     bad = dict(md5, **{"t10k-images-idx3-ubyte.gz": "0" * 32})     # the server sends another file
-    monkeypatch.setitem(tiny_vae.MD5, "mnist", bad)
     other = str(tmp_path / "other")
     with pytest.raises(SystemExit) as e:
-        tiny_vae.fetch_idx("mnist", other, url)
+        tiny_vae.fetch(other, bad, url)
     assert "md5" in str(e.value.code) and "t10k-images" in str(e.value.code)
     assert "t10k-images-idx3-ubyte.gz" not in os.listdir(other)
     assert not [f for f in os.listdir(other) if f.endswith(".part")]
@@ -157,16 +156,16 @@ def test_download_verifies_md5(http_dir, tmp_path, monkeypatch):
 
 def test_fashion_downloads_into_its_folder_and_trains(http_dir, tmp_path, monkeypatch):
     served, url = http_dir
-    monkeypatch.setitem(tiny_vae.MD5, "fashion", fake_mnist(str(served)))
+    monkeypatch.setitem(tiny_vae.IDX_MD5, "fashion", fake_mnist(str(served)))
     final = tiny_vae.main(["--dataset", "fashion", "--datadir", str(tmp_path / "data"), "--data_url", url,
                            "--arch", "mlp", "--epochs", "1", "--iw_samples", "2", "--basedir", str(tmp_path)])
-    assert sorted(os.listdir(tmp_path / "data" / "fashion")) == sorted(tiny_vae.MD5["fashion"])
+    assert sorted(os.listdir(tmp_path / "data" / "fashion")) == sorted(tiny_vae.IDX_MD5["fashion"])
     assert math.isfinite(final["test_nelbo"]) and (tmp_path / "vae_fashion_mlp" / "best.pt").exists()
 
 
-def test_download_without_network_is_one_line(tmp_path):
+def test_download_without_network_is_one_line_naming_the_offline_choices(tmp_path):
     msg = error_of(["--datadir", str(tmp_path), "--data_url", "http://127.0.0.1:9/", "--basedir", str(tmp_path)])
-    assert "cannot download" in msg and "by hand" in msg
+    assert "cannot download" in msg and "by hand" in msg and "--datadir" in msg and "--dataset shapes" in msg
     assert not os.listdir(tmp_path / "mnist")
 
 
@@ -202,7 +201,7 @@ def test_colour_folder_with_gaussian_likelihood_end_to_end(tmp_path):
 
 
 def test_shapes_are_reproducible_and_varied():
-    a, b = tiny_vae.make_shapes(300), tiny_vae.make_shapes(300)
+    a, b = tiny_vae.make_shapes(300, 28), tiny_vae.make_shapes(300, 28)
     assert torch.equal(a, b) and a.shape == (300, 1, 28, 28) and a.dtype == torch.uint8
     ink = a.float().mean((1, 2, 3)) / 255
     assert ink.min() > 0.02 and ink.max() < 0.8 and ink.std() > 0.02
@@ -264,27 +263,26 @@ def test_summary_is_the_last_line(tmp_path, capsys):
 
 
 def run_lines(expdir):
-    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")} for line in open(expdir / "metrics.jsonl")]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+            for line in open(expdir / "metrics.jsonl")]
 
 
-def test_resume_continues_the_same_run(tmp_path, monkeypatch):
+def test_resume_continues_the_same_run(tmp_path, monkeypatch, capsys):
     common = ["--dataset", "shapes", "--arch", "mlp", "--iw_samples", "2", "--basedir", str(tmp_path)]
     straight = tiny_vae.main(common + ["--expname", "a", "--epochs", "3"])
+    per_epoch = straight["step"] // 3                                   # 64: 8,100 training images in 128s
     tiny_vae.main(common + ["--expname", "b", "--epochs", "1"])        # stop at an epoch end ...
     resumed = tiny_vae.main(common + ["--expname", "b", "--epochs", "3"])  # ... and go on
-    assert resumed["step"] == straight["step"] == 3 * 57
+    assert resumed["step"] == straight["step"] == 3 * per_epoch and per_epoch == 64
     assert resumed["test_nelbo"] == pytest.approx(straight["test_nelbo"], abs=1e-4)
-    assert run_lines(tmp_path / "a") == pytest.approx(run_lines(tmp_path / "b"), abs=1e-4)
+    same_rows(run_lines(tmp_path / "a"), run_lines(tmp_path / "b"), 1e-4)
 
-    undo = interrupt_on_call(monkeypatch, tiny_vae, "train_step", 80)  # Ctrl-C in the middle of epoch 2
-    with pytest.raises(SystemExit, match="interrupted at step 79"):
-        tiny_vae.main(common + ["--expname", "c", "--epochs", "3"])
+    undo = ctrl_c_during_call(monkeypatch, tiny_vae, "train_step", 80)  # Ctrl-C in the middle of epoch 2
+    stops_with_130(tiny_vae.main, common + ["--expname", "c", "--epochs", "3"], capsys, 80)
     undo()
     resumed = tiny_vae.main(common + ["--expname", "c", "--epochs", "3"])
     assert resumed["test_nelbo"] == pytest.approx(straight["test_nelbo"], abs=1e-4)
-    rows_a, rows_c = run_lines(tmp_path / "a"), run_lines(tmp_path / "c")
-    assert [r["step"] for r in rows_c] == [r["step"] for r in rows_a]
-    assert rows_c[-1]["test_nelbo"] == pytest.approx(rows_a[-1]["test_nelbo"], abs=1e-4)
+    same_rows(run_lines(tmp_path / "c"), run_lines(tmp_path / "a"), 1e-4)  # the epoch's sums survive Ctrl-C too
 
 
 def test_freeze_trains_only_the_decoder(tmp_path, capsys):
@@ -315,12 +313,14 @@ def test_bad_data_is_one_line_error(tmp_path):
     rejects_bad_idx_and_empty_folder(error_of, str(tmp_path))
 
 
-def test_bad_checkpoints_leave_existing_files_intact(tmp_path):
+def test_bad_checkpoints_and_other_data_leave_existing_files_intact(tmp_path):
     common = ["--dataset", "shapes", "--arch", "mlp", "--epochs", "1", "--iw_samples", "2", "--basedir", str(tmp_path)]
     tiny_vae.main(common + ["--expname", "run"])
     ckpt = tmp_path / "run" / "ckpt.pt"
     saved = ckpt.read_bytes()
     assert "latent_dim" in error_of(common + ["--expname", "run", "--latent_dim", "7"])
+    msg = error_of(common + ["--expname", "run", "--val_frac", "0.2"])  # other training images, same model
+    assert "trained on other data" in msg and "--no_reload" in msg
     rejects_foreign_checkpoints(error_of, common + ["--expname", "run"], str(tmp_path), "tiny_vae")
     assert "no such checkpoint" in error_of(common + ["--expname", "none", "--sample_only", "4"])
     assert ckpt.read_bytes() == saved
