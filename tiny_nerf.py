@@ -64,7 +64,7 @@ def get_parser():
     g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
     g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
     g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
-    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white, else black")
+    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white")
     g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
     g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
     g = p.add_argument_group("model")
@@ -90,11 +90,11 @@ def get_parser():
     g.add_argument("--N_iters", type=pint, default=200000, help="training steps")
     g.add_argument("--N_rand", type=pint, default=1024, help="rays per step (split over --gpus)")
     g.add_argument("--lrate", type=positive(float), default=5e-4, help="Adam learning rate at step 0")
-    g.add_argument("--lrate_decay", type=positive(float), default=500, help="lrate falls tenfold every N thousand steps")
-    g.add_argument("--precrop_iters", type=nint, default=500, help="first steps drawing rays from the image centre only")
+    g.add_argument("--lrate_decay", type=positive(float), default=500, help="lrate falls tenfold per N thousand steps")
+    g.add_argument("--precrop_iters", type=nint, default=500, help="first steps drawing rays from the image centre")
     g.add_argument("--precrop_frac", type=float, default=0.5, help="size of that centre crop")
     g.add_argument("--use_batching", action=flag, default=False, help="draw a step's rays from all images, not one")
-    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then the outputs as usual")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then outputs as usual")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'coarse.*'")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
@@ -102,7 +102,7 @@ def get_parser():
     g.add_argument("--i_testset", type=pint, default=50000, help="steps between test-set renderings")
     g.add_argument("--i_video", type=pint, default=50000, help="steps between turntable videos")
     g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor")
-    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this factor (0: --render_factor)")
+    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this (0: --render_factor)")
     g.add_argument("--render_only", action="store_true", help="render test views and video of the checkpoint, exit")
     g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
@@ -179,8 +179,9 @@ class NeRF(nn.Module):
     def __init__(self, netdepth=8, netwidth=256, netdepth_fine=8, netwidth_fine=256, multires=10, multires_views=4,
                  use_viewdirs=True, fine=True):
         super().__init__()
-        self.config = dict(netdepth=netdepth, netwidth=netwidth, netdepth_fine=netdepth_fine, netwidth_fine=netwidth_fine,
-                           multires=multires, multires_views=multires_views, use_viewdirs=use_viewdirs, fine=fine)
+        self.config = dict(netdepth=netdepth, netwidth=netwidth, netdepth_fine=netdepth_fine,
+                           netwidth_fine=netwidth_fine, multires=multires, multires_views=multires_views,
+                           use_viewdirs=use_viewdirs, fine=fine)
         self.multires, self.multires_views = multires, multires_views
         in_pts, in_views = 3 + 6 * multires, (3 + 6 * multires_views) * use_viewdirs  # 63 and 27 by default
         self.coarse = MLP(netdepth, netwidth, in_pts, in_views, use_viewdirs)
@@ -216,7 +217,7 @@ def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
     noise = torch.randn_like(z) * raw_noise_std if raw_noise_std > 0 else 0.0  # a regulariser (reference code)
     sigma = F.relu(raw[..., 3] + noise)                                 # sigma >= 0
     alpha = 1 - torch.exp(-sigma * delta)                               # alpha_i = 1 - exp(-sigma_i delta_i)
-    T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # T_i = prod_{j<i}(1 - alpha_j)
+    T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # prod_{j<i}(1 - a_j)
     weights = alpha * T[:, :-1]                                         # w_i = T_i alpha_i   (N, S)
     rgb = (weights[..., None] * torch.sigmoid(raw[..., :3])).sum(1)     # C = sum_i w_i c_i   (eq. 3)
     depth, acc = (weights * z).sum(1), weights.sum(1)                   # sum_i w_i t_i, sum_i w_i <= 1
@@ -273,7 +274,7 @@ def train_step(model, opt, rays, target, u):
     mse = model(rays, target, u).sum(0) / target.numel()                # sum over replicas / global count
     loss = mse.sum()                                                    # MSE(fine) + MSE(coarse)   (eq. 6)
     if not torch.isfinite(loss):
-        fail(f"the loss became {loss.item()}", "--lrate", "lower the learning rate; ckpt.pt still holds the last good state")
+        fail(f"the loss became {loss.item()}", "--lrate", "lower it; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -336,7 +337,8 @@ def render_video(model, data, args, path, device, frames=40):
     video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
     mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
     path += ".mp4" if mp4 else ".gif"
-    atomic(path, lambda p: iio.imwrite(p, video, **(dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0))))
+    options = dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0)  # 30 frames per second
+    atomic(path, lambda p: iio.imwrite(p, video, **options))
     return path
 
 
@@ -344,11 +346,9 @@ def finish(model, data, args, outdir, step, seconds, device):
     """The end of a run: outdir/testset_<step>/ and outdir/video_<step>.mp4, the time they take said first; final.json
     and the summary line. -> the test figures."""
     f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
-    rays = len(data["test_images"]) * (data["H"] // f) * (data["W"] // f) + 40 * (data["H"] // g) * (data["W"] // g)
-    tic = time.time()
-    render_image(model, 1, min(args.chunk, 4096), data["focal"], data["test_poses"][0], args.chunk, device)
-    print(f"rendering {len(data['test_images'])} test views and a video, {rays:,} rays: about "
-          f"{(time.time() - tic) * rays / min(args.chunk, 4096):.0f} s")
+    rays, tic = (len(data["test_images"]) / f ** 2 + 40 / g ** 2) * data["H"] * data["W"], time.time()
+    render_image(model, 1, 1024, data["focal"], data["test_poses"][0], args.chunk, device)   # 1024 rays, timed
+    print(f"rendering the test views and a video, {rays:,.0f} rays: about {(time.time() - tic) * rays / 1024:.0f} s")
     test = render_testset(model, data, args, os.path.join(outdir, f"testset_{step}"), step, device)
     video = render_video(model, data, args, os.path.join(outdir, f"video_{step}"), device)
     final = {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
@@ -378,8 +378,8 @@ SYNTHETIC_URL = ("https://drive.usercontent.google.com/download?id=18JxhpWD-4Zmu
 
 
 def fetch_synthetic(datadir, url):
-    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/: each scene by one rename once
-    complete, and no archive member may escape the folder."""
+    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/, each scene by one rename once
+    complete; zipfile strips "/" and ".." from member names, so nothing lands outside the folder."""
     target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
     try:
         os.makedirs(datadir, exist_ok=True)
@@ -391,14 +391,11 @@ def fetch_synthetic(datadir, url):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as z:
-            members = [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")]
-            if not members or any(not os.path.realpath(os.path.join(tmp, m.filename)).startswith(
-                    os.path.realpath(tmp) + os.sep) for m in z.infolist()):              # no escape from tmp
-                fail("no nerf_synthetic/ folder, or a member outside it", zip_path, f"delete it, get it from {SYNTHETIC_PAGE}")
-            z.extractall(tmp, members)
-    except zipfile.BadZipFile:
-        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
-    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
+            z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
+        scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
+    except (zipfile.BadZipFile, FileNotFoundError):
+        fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
+    for scene in scenes:
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
     shutil.rmtree(tmp)
@@ -454,7 +451,7 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
         for file in tqdm(files, desc=f"{name} images", leave=False):
             rgba = read_rgba(file, half_res)
             if shape and rgba.shape != shape:
-                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
             shape = rgba.shape
             images.append(composite(rgba, white_bkgd))
         data[split + "images"], data[split + "poses"], data[split + "angle"] = torch.stack(images), poses, angle
@@ -514,7 +511,8 @@ def ray_cast(o, d):
     for t, n, a, s in hits:
         near = t < best
         best, spec = torch.where(near, t, best), torch.where(near, s, spec)
-        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
+        normal = torch.where(near[..., None], n, normal)
+        albedo = torch.where(near[..., None], torch.as_tensor(a), albedo)
     light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
     half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
     rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
@@ -540,7 +538,8 @@ def make_procedural(folder, size, views=(40, 4, 8)):
             rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
             iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+        meta = {"camera_angle_x": angle, "frames": frames}
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(meta))
     os.replace(tmp, folder)
 
 
@@ -719,8 +718,8 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
-    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
@@ -744,9 +743,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
 
 
 class Run:
-    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
-    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
-    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
 
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
@@ -847,7 +845,8 @@ def main(argv=None):
             if step % args.i_print == 0 or step == args.N_iters:
                 m = state["sums"][:-1] / state["sums"][-1]
                 run.log({"step": step, "loss": m.sum().item(), "psnr": mse2psnr(m[0]), "lr": opt.param_groups[0]["lr"],
-                         **({"psnr_coarse": mse2psnr(m[1])} if len(m) > 1 else {}), "seconds": round(state["seconds"], 2)})
+                         **({"psnr_coarse": mse2psnr(m[1])} if len(m) > 1 else {}),
+                         "seconds": round(state["seconds"], 2)})
                 state["sums"].zero_()
             if step % args.i_weights == 0:
                 save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)

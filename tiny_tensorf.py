@@ -64,7 +64,7 @@ def get_parser():
     g.add_argument("--datadir", default="data", help="data root holding nerf_synthetic/")
     g.add_argument("--data_url", default=None, help="URL of nerf_synthetic.zip (default: the NeRF authors' copy)")
     g.add_argument("--half_res", action="store_true", help="halve the images (area filter) and the focal length")
-    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white, else black")
+    g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white")
     g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
     g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
     g = p.add_argument_group("model (names of the reference TensoRF code)")
@@ -98,7 +98,7 @@ def get_parser():
     g.add_argument("--lr_upsample_reset", action=flag, default=True, help="restart the decay at each upsampling")
     g.add_argument("--L1_weight_inital", type=nfloat, default=8e-5, help="L1 on density before the box shrinks")
     g.add_argument("--L1_weight_rest", type=nfloat, default=4e-5, help="L1 on density after")
-    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then the outputs as usual")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then outputs as usual")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'mlp.*'")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--i_print", type=pint, default=100, help="steps between log lines")
@@ -106,7 +106,7 @@ def get_parser():
     g.add_argument("--i_testset", type=pint, default=50000, help="steps between test-set renderings")
     g.add_argument("--i_video", type=pint, default=50000, help="steps between turntable videos")
     g.add_argument("--render_factor", type=nint, default=0, help="render test views downsampled by this factor")
-    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this factor (0: --render_factor)")
+    g.add_argument("--video_factor", type=nint, default=0, help="downsample the video by this (0: --render_factor)")
     g.add_argument("--render_only", action="store_true", help="render test views and video of the checkpoint, exit")
     g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
@@ -181,8 +181,9 @@ def vm_sample(planes, lines, x):
     lines[i] (R_w, C): channels last (the reference's (1, C, R_v, R_u), transposed)."""
     out = []
     for plane, line, (a, b), c in zip(planes, lines, MAT, VEC):
-        (iu, fu), (iv, fv), (iw, fw) = corners(x[:, a], plane.shape[1]), corners(x[:, b], plane.shape[0]), corners(x[:, c], len(line))
-        i, W = iv * plane.shape[1] + iu, plane.shape[1]
+        W = plane.shape[1]
+        (iu, fu), (iv, fv), (iw, fw) = corners(x[:, a], W), corners(x[:, b], len(plane)), corners(x[:, c], len(line))
+        i = iv * W + iu
         m = Interp.apply(plane.view(-1, plane.shape[2]), torch.stack([i, i + 1, i + W, i + W + 1], 1),
                          torch.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], 1))
         v = Interp.apply(line, torch.stack([iw, iw + 1], 1), torch.stack([1 - fw, fw], 1))
@@ -212,7 +213,8 @@ class TensorVM(nn.Module):
                  view_pe=2, density_shift=-10.0, distance_scale=25.0, bound=1.5):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "reso", "__class__")}  # the arguments
-        self.fea_pe, self.view_pe, self.density_shift, self.distance_scale = fea_pe, view_pe, density_shift, distance_scale
+        self.fea_pe, self.view_pe, self.density_shift = fea_pe, view_pe, density_shift
+        self.distance_scale = distance_scale
         self.register_buffer("aabb", torch.tensor([[-bound] * 3, [bound] * 3]))
         self.register_buffer("alpha_mask", torch.ones(1, 1, 1, dtype=torch.bool))  # over aabb; 1x1x1: no mask yet
 
@@ -257,7 +259,8 @@ class TensorVM(nn.Module):
 
     def render_rays(self, rays, u=None):
         """Ray marching: samples every step_ratio voxels from where a ray (N, 6) enters the box, shifted by u (N,) in
-        training; density where the alpha mask keeps voxels, colour where w_i > rm_weight_mask_thre. -> rgb, depth, acc"""
+        training; density where the alpha mask keeps voxels, colour where w_i > rm_weight_mask_thre. -> rgb, depth,
+        acc"""
         o, d = rays[:, :3], F.normalize(rays[:, 3:6], dim=-1)
         near, far = ray_box(o, d, self.aabb)
         step = self.step_size()
@@ -269,7 +272,7 @@ class TensorVM(nn.Module):
         idx, x = idx[keep], self.normalize(x[keep])
         sigma = torch.zeros(z.numel(), device=z.device).index_put((idx,), self.density(x)).view_as(z)
         alpha = 1 - torch.exp(-sigma * step * self.distance_scale)     # a_i = 1 - exp(-sigma_i delta_i)
-        T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # T_i = prod_{j<i}(1 - a_j)
+        T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # prod_{j<i}(1 - a_j)
         w = alpha * T[:, :-1]                                           # w_i = T_i a_i   (N, S)
         bright = w.view(-1)[idx] > self.rm_weight_mask_thre
         idx, x = idx[bright], x[bright]
@@ -290,18 +293,21 @@ class TensorVM(nn.Module):
         return sum(g.abs().mean() for g in [*self.density_planes, *self.density_lines])
 
     def remap(self, fn):
-        """Replace every grid g by fn(g, dims), g in the reference layout (1, C, H, W) over world axes dims (frozen ones stay so)"""
+        """Replace every grid g by fn(g, dims): g in the reference layout (1, C, H, W) over world axes dims, frozen ones
+        staying frozen."""
         for planes, lines in ((self.density_planes, self.density_lines), (self.app_planes, self.app_lines)):
             for i, (a, b), c, p, v in zip(range(3), MAT, VEC, planes, lines):
-                planes[i] = nn.Parameter(fn(p.detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0).contiguous(), p.requires_grad)
-                lines[i] = nn.Parameter(fn(v.detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous(), v.requires_grad)
+                plane = fn(p.detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0)   # back to channels last
+                planes[i] = nn.Parameter(plane.contiguous(), p.requires_grad)
+                lines[i] = nn.Parameter(fn(v.detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous(),
+                                        v.requires_grad)
 
     @torch.no_grad()
     def upsample(self, n_voxels):
         """Resample the grids to about n_voxels cubic voxels over the box (field kept up to interpolation error)."""
         size = self.aabb[1] - self.aabb[0]
         reso = (size / (size.prod() / n_voxels) ** (1 / 3)).round().long().clamp(min=2).tolist() + [1]
-        self.remap(lambda g, dims: F.interpolate(g, size=(reso[dims[0]], reso[dims[1]]), mode="bilinear", align_corners=True))
+        self.remap(lambda g, d: F.interpolate(g, (reso[d[0]], reso[d[1]]), mode="bilinear", align_corners=True))
         return reso[:3]
 
     @torch.no_grad()
@@ -349,7 +355,7 @@ def train_step(model, raw, opt, rays, target, u, l1_weight):
     mse = model(rays, target, u).sum() / target.numel()                 # sum over replicas / global count
     loss = mse + l1_weight * raw.density_l1()
     if not torch.isfinite(loss):
-        fail(f"the loss became {loss.item()}", "--lr_init", "lower the learning rates; ckpt.pt still holds the last good state")
+        fail(f"the loss became {loss.item()}", "--lr_init", "lower the rates; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -412,7 +418,8 @@ def render_video(model, data, args, path, device, frames=40):
     video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
     mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
     path += ".mp4" if mp4 else ".gif"
-    atomic(path, lambda p: iio.imwrite(p, video, **(dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0))))
+    options = dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0)  # 30 frames per second
+    atomic(path, lambda p: iio.imwrite(p, video, **options))
     return path
 
 
@@ -420,11 +427,9 @@ def finish(model, data, args, outdir, step, seconds, device):
     """The end of a run: outdir/testset_<step>/ and outdir/video_<step>.mp4, the time they take said first; final.json
     and the summary line. -> the test figures."""
     f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
-    rays = len(data["test_images"]) * (data["H"] // f) * (data["W"] // f) + 40 * (data["H"] // g) * (data["W"] // g)
-    tic = time.time()
-    render_image(model, 1, min(args.chunk, 4096), data["focal"], data["test_poses"][0], args.chunk, device)
-    print(f"rendering {len(data['test_images'])} test views and a video, {rays:,} rays: about "
-          f"{(time.time() - tic) * rays / min(args.chunk, 4096):.0f} s")
+    rays, tic = (len(data["test_images"]) / f ** 2 + 40 / g ** 2) * data["H"] * data["W"], time.time()
+    render_image(model, 1, 1024, data["focal"], data["test_poses"][0], args.chunk, device)   # 1024 rays, timed
+    print(f"rendering the test views and a video, {rays:,.0f} rays: about {(time.time() - tic) * rays / 1024:.0f} s")
     test = render_testset(model, data, args, os.path.join(outdir, f"testset_{step}"), step, device)
     video = render_video(model, data, args, os.path.join(outdir, f"video_{step}"), device)
     final = {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
@@ -454,8 +459,8 @@ SYNTHETIC_URL = ("https://drive.usercontent.google.com/download?id=18JxhpWD-4Zmu
 
 
 def fetch_synthetic(datadir, url):
-    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/: each scene by one rename once
-    complete, and no archive member may escape the folder."""
+    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/, each scene by one rename once
+    complete; zipfile strips "/" and ".." from member names, so nothing lands outside the folder."""
     target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
     try:
         os.makedirs(datadir, exist_ok=True)
@@ -467,14 +472,11 @@ def fetch_synthetic(datadir, url):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as z:
-            members = [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")]
-            if not members or any(not os.path.realpath(os.path.join(tmp, m.filename)).startswith(
-                    os.path.realpath(tmp) + os.sep) for m in z.infolist()):              # no escape from tmp
-                fail("no nerf_synthetic/ folder, or a member outside it", zip_path, f"delete it, get it from {SYNTHETIC_PAGE}")
-            z.extractall(tmp, members)
-    except zipfile.BadZipFile:
-        fail("not a zip archive", zip_path, f"delete it and download it again, or get it from {SYNTHETIC_PAGE}")
-    for scene in os.listdir(os.path.join(tmp, "nerf_synthetic")):
+            z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
+        scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
+    except (zipfile.BadZipFile, FileNotFoundError):
+        fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
+    for scene in scenes:
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
     shutil.rmtree(tmp)
@@ -530,7 +532,7 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
         for file in tqdm(files, desc=f"{name} images", leave=False):
             rgba = read_rgba(file, half_res)
             if shape and rgba.shape != shape:
-                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use images of one size")
+                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
             shape = rgba.shape
             images.append(composite(rgba, white_bkgd))
         data[split + "images"], data[split + "poses"], data[split + "angle"] = torch.stack(images), poses, angle
@@ -590,7 +592,8 @@ def ray_cast(o, d):
     for t, n, a, s in hits:
         near = t < best
         best, spec = torch.where(near, t, best), torch.where(near, s, spec)
-        normal, albedo = torch.where(near[..., None], n, normal), torch.where(near[..., None], torch.as_tensor(a), albedo)
+        normal = torch.where(near[..., None], n, normal)
+        albedo = torch.where(near[..., None], torch.as_tensor(a), albedo)
     light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
     half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
     rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
@@ -616,7 +619,8 @@ def make_procedural(folder, size, views=(40, 4, 8)):
             rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
             iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+        meta = {"camera_angle_x": angle, "frames": frames}
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(meta))
     os.replace(tmp, folder)
 
 
@@ -795,8 +799,8 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
-    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
@@ -820,9 +824,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
 
 
 class Run:
-    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
-    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
-    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
 
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
@@ -907,7 +910,8 @@ def main(argv=None):
     print(f"grid {'x'.join(map(str, raw.reso()))}")
 
     # train: a step's rays and jitter depend on (seed, step) only; the grids grow and the box shrinks on schedule
-    voxels = dict(zip(args.upsamp_list, np.geomspace(args.N_voxel_init, args.N_voxel_final, len(args.upsamp_list) + 1)[1:]))
+    counts = np.geomspace(args.N_voxel_init, args.N_voxel_final, len(args.upsamp_list) + 1)[1:]   # log-spaced
+    voxels = dict(zip(args.upsamp_list, counts))
     masks, pixels, ckpt_path = args.update_AlphaMask_list, rays_in_box(data, raw.aabb), os.path.join(expdir, "ckpt.pt")
     start = time.time() - state["seconds"]
     with Run(args, expdir, step, args.N_iters, state["seconds"], "--N_iters") as run:

@@ -52,7 +52,7 @@ ALIASES = {"--no-cuda": "--device cpu", "--no-mps": "--device cpu", "--log-inter
 
 
 def get_parser():
-    p = Parser(description="Variational autoencoder in one file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="A variational autoencoder.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pint = positive(int)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist", choices=["mnist", "fashion", "folder", "shapes"],
@@ -64,7 +64,7 @@ def get_parser():
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="conv", choices=sorted(ARCH_DEFAULTS), help="conv, or the classic MLP")
     g.add_argument("--latent_dim", type=pint, default=16, help="size of z (mlp: 20)")
-    g.add_argument("--hidden", type=pint, default=32, help="conv: channels of layer 1, doubled per stride; mlp: 400 units")
+    g.add_argument("--hidden", type=pint, default=32, help="conv: channels of layer 1, doubled per stride; mlp: 400")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
                    help="p(x|z): Bernoulli logits for [0, 1] pixels, or Gaussian with a learned scale (photographs)")
     g.add_argument("--beta", type=positive(float, zero=True), default=1.0, help="weight of the KL term (beta-VAE)")
@@ -116,7 +116,8 @@ class VAE(nn.Module):
         c, size = shape[0], shape[1]
         if arch == "mlp":  # the PyTorch example: 784-400-(20 mu, 20 logvar); 20-400-784
             d = c * size * size
-            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent_dim))
+            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, 2 * latent_dim))
             self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, d),
                                          nn.Unflatten(1, tuple(shape)))
         else:  # stride-2 4x4 convs halve the size down to <= 8 (28 -> 14 -> 7); the decoder mirrors them
@@ -127,7 +128,8 @@ class VAE(nn.Module):
             flat, fc = chans[-1] * size * size, 8 * hidden
             down = [m for a, b in zip(chans, chans[1:]) for m in (nn.Conv2d(a, b, 4, 2, 1), nn.ELU())]
             up = [m for a, b in zip(chans[:0:-1], chans[-2::-1]) for m in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ELU())]
-            self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, fc), nn.ELU(), nn.Linear(fc, 2 * latent_dim))
+            self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, fc), nn.ELU(),
+                                         nn.Linear(fc, 2 * latent_dim))
             self.decoder = nn.Sequential(nn.Linear(latent_dim, fc), nn.ELU(), nn.Linear(fc, flat), nn.ELU(),
                                          nn.Unflatten(1, (chans[-1], size, size)), *up[:-1])  # no ELU on the output
         if likelihood == "gaussian":
@@ -143,7 +145,7 @@ class VAE(nn.Module):
 
     def nll(self, x, out):
         """-log p(x|z) summed over pixels, (B,), from the decoder output for x."""
-        # Bernoulli on grey pixels x_i in [0, 1] is the cross-entropy of the PyTorch example, whose figures we compare to
+        # Bernoulli on grey pixels x_i in [0, 1]: the cross-entropy of the PyTorch example, whose figures we compare to
         if self.likelihood == "bernoulli":  # -sum_i [x_i log p_i + (1 - x_i) log(1 - p_i)], p = sigmoid(out)
             nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
         else:  # -log N(x_i; out_i, sigma^2) = (x_i - out_i)^2 / (2 sigma^2) + log sigma + log(2 pi) / 2
@@ -191,7 +193,7 @@ def train_step(model, opt, x, beta, amp=False):
     rec, kl = model(x, eps, amp).sum(0) / len(x)                        # sum over replicas / global count
     loss = rec + beta * kl                                              # -ELBO (beta = 1), nats per image
     if not torch.isfinite(loss):
-        fail(f"the loss became {loss.item()}", "--lr", "lower the learning rate; ckpt.pt still holds the last good state")
+        fail(f"the loss became {loss.item()}", "--lr", "lower it; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -225,7 +227,7 @@ def iw_nll(model, images, k, device):
         log_w = log_importance_weights(model, x, torch.randn(k, len(x), model.latent_dim, generator=g).to(device))
         total += -(torch.logsumexp(log_w, 0) - math.log(k)).sum().item()  # log_w: (K, B)
         if i == 0:
-            print(f"IW-NLL, K={k}, of {len(images)} test images: about {(time.time() - tic) * len(images) / len(x):.0f} s")
+            print(f"IW-NLL, K={k}, of {len(images)} images: about {(time.time() - tic) * len(images) / len(x):.0f} s")
     return total / len(images)
 
 
@@ -319,7 +321,8 @@ def read_idx(path):
         if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
             raise ValueError("bad magic number")
         head = 4 + 4 * data[3]
-        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(struct.unpack(f">{data[3]}I", data[4:head]))
+        dims = struct.unpack(f">{data[3]}I", data[4:head])
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(dims)
     except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
         fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
 
@@ -395,7 +398,8 @@ def grid(images, nrow):
 def write_samples(expdir, images):
     """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
     pixels = to_uint8(images.permute(0, 2, 3, 1))
-    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if images.shape[1] == 1 else pixels))
+    pixels = pixels[..., 0] if images.shape[1] == 1 else pixels
+    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels))
     save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
 
 
@@ -541,8 +545,8 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
-    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
@@ -566,9 +570,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
 
 
 class Run:
-    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
-    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
-    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
 
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}

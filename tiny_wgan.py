@@ -59,7 +59,7 @@ ALIASES = {"--Diters": "--n_critic", "--critic_iters": "--n_critic", "--lrD": "-
            "--niter": "--iters", "--n_epochs": "--iters (generator steps)", "--dataroot": "--datadir",
            "--experiment": "--expname", "--cuda": "--device cuda", "--no-cuda": "--device cpu", "--ngpu": "--gpus",
            "--netG": "--ckpt", "--netD": "--ckpt", "--adam": "--gp LAMBDA (Adam comes with the penalty)",
-           "--noBN": "--critic_norm none", "--LAMBDA": "--gp", "--latent_dim": "--nz", "--sample_interval": "--i_sample"}
+           "--noBN": "--critic_norm none", "--LAMBDA": "--gp", "--latent_dim": "--nz"}
 
 
 def get_parser():
@@ -68,7 +68,7 @@ def get_parser():
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mnist", choices=["mnist", "fashion", "cifar10", "folder", "shapes"],
                    help="mnist/fashion: idx files, cifar10: binary archive (downloaded); folder: your images; shapes")
-    g.add_argument("--datadir", default="data", help="data root with mnist/, fashion/ or cifar10/; for folder, the images")
+    g.add_argument("--datadir", default="data", help="root of mnist/, fashion/ or cifar10/; for folder, the images")
     g.add_argument("--data_url", default=None, help="where to download from (default: the official mirrors)")
     g.add_argument("--image_size", type=pint, default=32, help="4 x a power of two; MNIST's 28x28 is padded to 32")
     g = p.add_argument_group("model")
@@ -91,7 +91,7 @@ def get_parser():
                    help="lr of both nets: RMSprop, or Adam with --gp (papers, --preset paper: 5e-5, 1e-4)")
     g.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 under --gp (WGAN-GP paper: 0)")
     g.add_argument("--beta2", type=float, default=0.9, help="Adam beta2 under --gp (WGAN-GP paper: 0.9)")
-    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then the outputs as usual")
+    g.add_argument("--max_minutes", type=positive(float), default=None, help="training budget, then outputs as usual")
     g.add_argument("--freeze", nargs="+", default=[], metavar="PATTERN", help="freeze parameters by name: 'critic.*'")
     g = p.add_argument_group("outputs")
     g.add_argument("--i_print", type=pint, default=50, help="generator steps per metrics.jsonl line and checkpoint")
@@ -205,7 +205,7 @@ def critic_step(model, opt, real, lam=None, clip=None):
     w = sums[0] - sums[1]                                              # E[f(x)] - E[f(G(z))]   (WGAN eq. 3)
     loss = -w + (sums[2] if lam is not None else 0)
     if not torch.isfinite(loss):
-        fail(f"the critic loss became {loss.item()}", "--lr", "lower the learning rate; ckpt.pt holds the last good state")
+        fail(f"the critic loss became {loss.item()}", "--lr", "lower it; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -278,7 +278,8 @@ def sample_only(args, device, expdir):
 
 
 # ---------------------------------------------------------------- data
-CIFAR_MD5, CIFAR_URL = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}, "https://www.cs.toronto.edu/~kriz/"
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
+CIFAR_MD5 = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}  # the published checksum
 CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes, row-major
 
@@ -368,7 +369,8 @@ def read_idx(path):
         if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
             raise ValueError("bad magic number")
         head = 4 + 4 * data[3]
-        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(struct.unpack(f">{data[3]}I", data[4:head]))
+        dims = struct.unpack(f">{data[3]}I", data[4:head])
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(dims)
     except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
         fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
 
@@ -444,7 +446,8 @@ def grid(images, nrow):
 def write_samples(expdir, images):
     """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
     pixels = to_uint8(images.permute(0, 2, 3, 1))
-    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels[..., 0] if images.shape[1] == 1 else pixels))
+    pixels = pixels[..., 0] if images.shape[1] == 1 else pixels
+    atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels))
     save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
 
 
@@ -590,8 +593,8 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, optimizers,
-    data): load weights, optimizer and RNG states and the counters (into state). -> the step to go on from."""
+    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
@@ -615,9 +618,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
 
 
 class Run:
-    """A training run's log and controls: metrics.jsonl, cut back to the checkpoint's step on resume, and TensorBoard;
-    the progress bar, whose total under --max_minutes is the step the budget ends at, at the rate so far; and within
-    `with`, Ctrl-C and SIGTERM, which only set `stopped`: the loop ends its step, saves and stops."""
+    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
 
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
@@ -699,11 +701,12 @@ def main(argv=None):
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the losses are computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
     ckpt_path = os.path.join(expdir, "ckpt.pt")
-    print(f"{len(train)} train / {len(test)} held-out images of {tuple(train.shape[1:])}, generator "
-          f"{sum(p.numel() for p in raw.generator.parameters()):,} / critic {sum(p.numel() for p in raw.critic.parameters()):,}"
-          f" parameters, {f'WGAN-GP lambda={args.gp:g}' if args.gp else f'clipping c={args.clip_value:g}'}, {device}")
+    sizes = [sum(p.numel() for p in net.parameters()) for net in (raw.generator, raw.critic)]
+    mode = f"WGAN-GP lambda={args.gp:g}" if args.gp else f"clipping c={args.clip_value:g}"
+    print(f"{len(train)} train / {len(test)} held-out images of {tuple(train.shape[1:])}, generator {sizes[0]:,} / "
+          f"critic {sizes[1]:,} parameters, {mode}, {device}")
 
-    def next_batch():                                                   # epoch after epoch; an epoch's order: (seed, epoch)
+    def next_batch():                                                   # epoch by epoch, each's order by (seed, epoch)
         epoch, i = divmod(state["drawn"], max(1, len(train) // args.batch_size))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
         state["drawn"] += 1
