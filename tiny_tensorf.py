@@ -700,13 +700,16 @@ def parse_args(argv=None):
 def pick_devices(args):
     """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name) or name == "cpu" and args.gpus:
-        fail(f"no such device, or --gpus on the CPU: {name} {args.gpus or ''}", "--device", "use auto, cpu, cuda[:N]")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
+    if name == "cpu" and args.gpus:
+        fail(f"--gpus {args.gpus} needs CUDA, and this run is on the CPU", "--gpus", "drop it, or run on a CUDA GPU")
     if name == "cpu":
         return torch.device("cpu"), []
     n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
     if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
-        fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus", "list ids that exist, or --device cpu")
+        fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
+             "list GPUs that exist, or use --device cpu")
     torch.cuda.set_device(int(gpus[0]))
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
