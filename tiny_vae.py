@@ -203,17 +203,26 @@ def train_step(model, opt, x, beta, amp=False):
 # ---------------------------------------------------------------- evaluation & outputs
 @torch.no_grad()
 def evaluate(model, images, device, batch_size=500):
-    """-ELBO = E_q[-log p(x|z)] + KL in nats per image (one z per image from a fixed eps, so that epochs compare), the
-    KL per latent dimension, and the active units: Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2). -> dict"""
-    g, total, mus, kls = torch.Generator().manual_seed(0), torch.zeros(2), [], []
+    """-ELBO = E_q[-log p(x|z)] + KL in nats per image, one z per image from a fixed eps so that epochs compare.
+    -> (-ELBO, -log p(x|z), KL)."""
+    g, total = torch.Generator().manual_seed(0), torch.zeros(2)
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size]).to(device)
         total += model(x, torch.randn(len(x), model.latent_dim, generator=g).to(device)).sum(0).cpu()
-        mu, logvar = model.encode(x)
-        mus, kls = mus + [mu.cpu()], kls + [kl_per_dim(mu, logvar).cpu()]
     rec, kl = (total / len(images)).tolist()
-    return {"nelbo": rec + kl, "rec": rec, "kl": kl, "kl_per_dim": torch.cat(kls).mean(0).tolist(),
-            "active_units": int((torch.cat(mus).var(0) > 0.01).sum())}
+    return rec + kl, rec, kl
+
+
+@torch.no_grad()
+def latent_stats(model, images, device, batch_size=500):
+    """KL per latent dimension averaged over images, and the active units: dimensions whose posterior mean varies
+    over the data, Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2)."""
+    mus, kls = [], []
+    for i in range(0, len(images), batch_size):
+        mu, logvar = model.encode(to_float(images[i:i + batch_size]).to(device))
+        mus.append(mu.cpu())
+        kls.append(kl_per_dim(mu, logvar).cpu())
+    return torch.cat(kls).mean(0).tolist(), int((torch.cat(mus).var(0) > 0.01).sum())
 
 
 @torch.no_grad()
@@ -669,15 +678,15 @@ def main(argv=None):
             state["sums"] = [a + b for a, b in zip(state["sums"], [rec, kl, len(x), time.time() - tic])]
             step, state["seconds"] = step + 1, time.time() - start
             run.advance(step, state["seconds"])
-            if step % per_epoch and not run.over(state["seconds"]) or run.stopped:
-                continue                                                # not the end of an epoch, or Ctrl-C
-            val_nelbo, scores = evaluate(raw, val, device)["nelbo"], evaluate(raw, test, device)
+            if run.stopped or step % per_epoch and not run.over(state["seconds"]):
+                continue                                                # Ctrl-C, or not the end of an epoch
+            val_nelbo, (test_nelbo, test_rec, test_kl) = evaluate(raw, val, device)[0], evaluate(raw, test, device)
             rec, kl, n, busy = state["sums"]
             run.log({"step": step, "epoch": round(step / per_epoch, 3), "train_nelbo": (rec + kl) / n,
-                     "train_rec": rec / n, "train_kl": kl / n, "val_nelbo": val_nelbo, "test_nelbo": scores["nelbo"],
-                     "test_rec": scores["rec"], "test_kl": scores["kl"], "lr": opt.param_groups[0]["lr"],
+                     "train_rec": rec / n, "train_kl": kl / n, "val_nelbo": val_nelbo, "test_nelbo": test_nelbo,
+                     "test_rec": test_rec, "test_kl": test_kl, "lr": opt.param_groups[0]["lr"],
                      "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(state["seconds"], 2)},
-                    grid(prior_samples(raw, 64, 0, device), 8))
+                    grid(prior_samples(raw, 64, 0, device), 8) if args.tensorboard else None)
             run.advance(step, state["seconds"], train=f"{(rec + kl) / n:.1f}", val=f"{val_nelbo:.1f}")
             state["sums"] = [0.0, 0.0, 0, 0.0]
             if val_nelbo < state["best_val"]:                           # model selection on validation, never test
@@ -691,11 +700,10 @@ def main(argv=None):
     # the final figures, from the best checkpoint
     if os.path.exists(os.path.join(expdir, "best.pt")):
         raw.load_state_dict(load_checkpoint(os.path.join(expdir, "best.pt"), device)["model"])
-    scores = evaluate(raw, test, device)
-    final = {"step": step, "test_nelbo": scores["nelbo"], "test_rec": scores["rec"], "test_kl": scores["kl"],
+    (test_nelbo, test_rec, test_kl), (kl_dims, active) = evaluate(raw, test, device), latent_stats(raw, test, device)
+    final = {"step": step, "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl,
              "iw_nll": iw_nll(raw, test, args.iw_samples, device), "iw_samples": args.iw_samples,
-             "active_units": scores["active_units"], "kl_per_dim": scores["kl_per_dim"],
-             "train_seconds": round(state["seconds"], 2)}
+             "active_units": active, "kl_per_dim": kl_dims, "train_seconds": round(state["seconds"], 2)}
     write_pictures(raw, test, expdir, step, device)
     write_text(os.path.join(expdir, "final.json"), json.dumps(final, indent=1))
     print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in final['kl_per_dim'])}; active units "
