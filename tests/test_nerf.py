@@ -173,8 +173,11 @@ def test_cli_learns_procedural_scene_and_writes_every_output(datadir, tmp_path, 
             "--N_samples", "32", "--N_importance", "32", "--N_rand", "512", "--lrate", "5e-3",
             "--precrop_iters", "0", "--N_iters", "300", "--i_print", "100", "--i_testset", "200"]
     final = tiny_nerf.main(argv)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"test PSNR \d+\.\d\d dB, SSIM 0\.\d{3} over 8 views", last), last
+    # 8 test views of 32 x 32 and 40 video frames of 32 x 32 (video_factor 0: full size): announced before rendering
+    assert re.search(r"rendering the test views and a video, 49,152 rays: about \d+ s", out), out
     data = tiny_nerf.load_blender(str(datadir / "nerf_synthetic" / "procedural_32"))
     mean_colour = data["images"].mean((0, 1, 2))
     baseline = tiny_nerf.mse2psnr(((data["test_images"] - mean_colour) ** 2).mean())

@@ -258,7 +258,9 @@ def test_sample_only_writes_grid_and_array(shapes_run, capsys):
 def test_summary_is_the_last_line(tmp_path, capsys):
     tiny_vae.main(["--dataset", "shapes", "--arch", "mlp", "--epochs", "1", "--iw_samples", "3",
                    "--basedir", str(tmp_path)])
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    assert re.search(r"IW-NLL, K=3, of 1000 images: about \d+ s", out), out   # said before the long part
+    last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"test -ELBO \d+\.\d nats \| IW-NLL \(K=3\) \d+\.\d nats", last), last
 
 
