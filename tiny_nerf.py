@@ -1,25 +1,17 @@
-"""tiny_nerf.py: neural radiance fields in one file.
-
-Mildenhall et al., "NeRF: Representing Scenes as Neural Radiance Fields for View Synthesis", ECCV 2020
-(arXiv:2003.08934), with the defaults of the reference PyTorch code for the Blender scenes. A camera ray
-r(t) = o + t d is sampled at N_samples depths between near and far; an MLP maps each positionally encoded point
-gamma(x) and view direction gamma(d) to a density sigma and a colour c, and volume rendering composites them (eq. 3):
-    C(r) = sum_i T_i (1 - exp(-sigma_i delta_i)) c_i,    T_i = exp(-sum_{j<i} sigma_j delta_j).
-A second, "fine" MLP is queried at N_importance more depths drawn from the coarse weights (hierarchical sampling,
-sec. 5.2); the loss is the squared error of both renderings (eq. 6).
+"""tiny_nerf.py: neural radiance fields in one file. Mildenhall et al., "NeRF: Representing Scenes as Neural Radiance
+Fields for View Synthesis", ECCV 2020 (arXiv:2003.08934), with the reference code's Blender defaults: an MLP maps ray
+points and directions to density and colour for volume rendering (eq. 3); a fine MLP resamples by the coarse weights.
 
     python tiny_nerf.py --scene lego                     # downloads nerf_synthetic into data/ if missing
     python tiny_nerf.py --datadir ../shared/data --preset cpu --max_minutes 15 --testskip 50
     python tiny_nerf.py --scene procedural               # a scene generated here: no network needed
     python tiny_nerf.py --preset cpu --render_only       # test views and video from logs/nerf_lego_cpu/ckpt.pt
 Sections: arguments, model, rendering, training, evaluation & outputs, data, harness (the same in the four scripts),
-main. Outputs in logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4, final.json.
-"""
+main. Outputs in logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4, final.json."""
 import argparse
 import difflib
 import fnmatch
 import hashlib
-import http.client
 import importlib.util
 import json
 import math
@@ -46,10 +38,9 @@ NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code)
 
 
 # ---------------------------------------------------------------- arguments
-PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
-    "cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=512, amp=True, video_factor=4,
-                use_batching=True, lrate=3e-3, lrate_decay=8),
-}
+# --preset: applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
+PRESETS = {"cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=512, amp=True,
+                       video_factor=4, use_batching=True, lrate=3e-3, lrate_decay=8)}
 ALIASES = {"--no_batching": "--no-use_batching", "--render_test": "--render_only", "--ft_path": "--ckpt",
            "--i_img": "--i_print", "--dataset_type": "read from the folder (--datadir, --scene)",
            "--config": "not read yet: give the flags", "--no_cuda": "--device cpu"}
@@ -67,7 +58,7 @@ def get_parser():
     g.add_argument("--white_bkgd", action=flag, default=True, help="composite images and renderings on white")
     g.add_argument("--testskip", type=pint, default=1, help="use every N-th test view")
     g.add_argument("--proc_size", type=pint, default=100, help="image size of the procedural scene")
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model and rendering")
     g.add_argument("--netdepth", type=pint, default=8, help="layers of the coarse MLP")
     g.add_argument("--netwidth", type=pint, default=256, help="units per layer of the coarse MLP")
     g.add_argument("--netdepth_fine", type=pint, default=8, help="layers of the fine MLP")
@@ -75,15 +66,13 @@ def get_parser():
     g.add_argument("--multires", type=nint, default=10, help="L, frequencies encoding a position")
     g.add_argument("--multires_views", type=nint, default=4, help="L, frequencies encoding a view direction")
     g.add_argument("--use_viewdirs", action=flag, default=True, help="colour depends on the view direction")
-    g = p.add_argument_group("rendering")
     g.add_argument("--N_samples", type=pint, default=64, help="stratified samples per ray (coarse MLP)")
     g.add_argument("--N_importance", type=nint, default=128, help="more samples per ray for the fine MLP (0: none)")
     g.add_argument("--perturb", type=nfloat, default=1.0, help="jitter the samples in training if > 0 (on/off)")
     g.add_argument("--lindisp", action="store_true", help="sample linearly in disparity rather than depth")
     g.add_argument("--raw_noise_std", type=nfloat, default=0.0, help="std of noise added to the density in training")
     g.add_argument("--chunk", type=pint, default=1024 * 32, help="rays rendered at once")
-    g.add_argument("--netchunk", type=pint, default=None, help="points through an MLP at once (default: 65536 on GPUs "
-                   "as in the reference code, 4096 on CPUs, where small chunks reuse memory and run twice as fast)")
+    g.add_argument("--netchunk", type=pint, default=None, help="points per MLP call (default: GPU 65536, CPU 4096)")
     g.add_argument("--amp", action=flag, default=False, help="bfloat16 MLPs (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
     g = p.add_argument_group("training")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS), help=f"defaults under the given flags: {PRESETS}")
@@ -161,9 +150,7 @@ class MLP(nn.Module):
         if not self.use_viewdirs:
             return self.output_linear(h)
         sigma = self.alpha_linear(h)                                    # density does not depend on the view
-        h = torch.cat([self.feature_linear(h), d], -1)
-        for layer in self.views_linears:
-            h = F.relu(layer(h), inplace=True)
+        h = F.relu(self.views_linears[0](torch.cat([self.feature_linear(h), d], -1)), inplace=True)  # (P, width / 2)
         return torch.cat([self.rgb_linear(h), sigma], -1)
 
 
@@ -171,10 +158,8 @@ RENDER_OPTIONS = ("N_samples", "N_importance", "lindisp", "raw_noise_std", "whit
 
 
 class NeRF(nn.Module):
-    """Coarse and fine MLPs, and how rays are rendered with them. forward(rays, target, u) returns this
-    replica's summed squared errors, one per network, so DataParallel gathers a few numbers on GPU 0;
-    forward(rays) returns the rendered maps (full images, split over the GPUs alike).
-    config: the architecture, saved with the weights; RENDER_OPTIONS: set by the caller, not saved."""
+    """Coarse and fine MLPs and their rendering. forward(rays, target, u): this replica's summed squared errors, one per
+    network, for DataParallel to gather; forward(rays): rendered maps. config: saved; RENDER_OPTIONS: set by callers."""
 
     def __init__(self, netdepth=8, netwidth=256, netdepth_fine=8, netwidth_fine=256, multires=10, multires_views=4,
                  use_viewdirs=True, fine=True):
@@ -198,14 +183,12 @@ class NeRF(nn.Module):
         return torch.cat(raw).float().view(*pts.shape[:-1], 4)
 
     def forward(self, rays, target=None, u=None):
-        """rays (N, 6): origins and directions; target (N, 3) colours or None; u (N, N_samples + N_importance)
-        uniforms, or None for deterministic samples. -> (1, networks) summed squared errors, the fine network's
-        first, or without target (N, 6): rgb, depth, disparity and opacity of the last network."""
+        """rays (N, 6), target (N, 3) or None, u (N, N_samples + N_importance) uniforms or None (deterministic) ->
+        (1, networks) summed squared errors, the fine one's first; without target (N, 6): rgb, depth, disp, opacity."""
         outs = render_rays(self, rays, u, self.raw_noise_std if target is not None else 0.0)
         if target is not None:
             return torch.stack([((out[0] - target) ** 2).sum() for out in outs[::-1]])[None]
-        rgb, depth, disp, acc, _ = outs[-1]
-        return torch.cat([rgb, depth[:, None], disp[:, None], acc[:, None]], -1)
+        return torch.cat([outs[-1][0], torch.stack(outs[-1][1:4], -1)], -1)  # rgb, then depth, disparity, opacity
 
 
 # ---------------------------------------------------------------- rendering
@@ -222,20 +205,17 @@ def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
     rgb = (weights[..., None] * torch.sigmoid(raw[..., :3])).sum(1)     # C = sum_i w_i c_i   (eq. 3)
     depth, acc = (weights * z).sum(1), weights.sum(1)                   # sum_i w_i t_i, sum_i w_i <= 1
     disp = 1 / torch.clamp(depth / acc.clamp(min=1e-10), min=1e-10)     # inverse of the expected depth of the hit
-    if white_bkgd:
-        rgb = rgb + (1 - acc[:, None])                                  # what the ray does not hit is white
+    rgb = rgb + (1 - acc[:, None]) * float(white_bkgd)                  # what the ray does not hit: white or black
     return rgb, depth, disp, acc, weights
 
 
 def sample_pdf(bins, weights, n, u=None):
-    """n samples per ray by inverse transform sampling (NeRF sec. 5.2) of the piecewise-constant pdf with bin
-    edges bins (N, B + 1) and weights (N, B). u (N, n) uniforms, or None for the quantiles (i + 0.5) / n:
-    deterministic (the reference's linspace(0, 1) puts the first and last sample on the outer edges). -> (N, n)"""
+    """n samples per ray by inverse transform sampling (sec. 5.2) of the piecewise-constant pdf on edges bins (N, B + 1)
+    and weights (N, B); u (N, n) uniforms, or None: (i + 0.5) / n (the reference's linspace hits edges). -> (N, n)"""
     w = weights + 1e-5                                                  # no empty pdf (reference code)
     cdf = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
     cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], -1)            # (N, B + 1), 0 ... 1
-    if u is None:
-        u = ((torch.arange(n, device=bins.device) + 0.5) / n).expand(len(bins), n)
+    u = ((torch.arange(n, device=bins.device) + 0.5) / n).expand(len(bins), n) if u is None else u  # quantiles
     idx = torch.searchsorted(cdf, u.contiguous(), right=True)           # cdf[idx - 1] <= u < cdf[idx]
     lo, hi = (idx - 1).clamp(min=0), idx.clamp(max=cdf.shape[-1] - 1)
     c0, c1, b0, b1 = cdf.gather(-1, lo), cdf.gather(-1, hi), bins.gather(-1, lo), bins.gather(-1, hi)
@@ -244,20 +224,17 @@ def sample_pdf(bins, weights, n, u=None):
 
 
 def render_rays(nerf, rays, u=None, raw_noise_std=0.0):
-    """Hierarchical volume sampling (sec. 5.2). rays (N, 6); u (N, N_samples + N_importance) or None.
-    -> [raw2outputs of the coarse network, then of the fine one if there is one]."""
+    """Hierarchical sampling (sec. 5.2) of rays (N, 6), u (N, N_samples + N_importance) or None -> [coarse, fine]."""
     o, d, S = rays[:, :3], rays[:, 3:6], nerf.N_samples
-    t = torch.linspace(0, 1, S, device=rays.device)
-    z = 1 / (1 / NEAR * (1 - t) + 1 / FAR * t) if nerf.lindisp else NEAR * (1 - t) + FAR * t
-    z = z.expand(len(rays), S)                                          # (N, S)
+    t = torch.linspace(0, 1, S, device=rays.device).expand(len(rays), S)
+    z = 1 / (1 / NEAR * (1 - t) + 1 / FAR * t) if nerf.lindisp else NEAR * (1 - t) + FAR * t  # (N, S)
     if u is not None:  # one uniform depth per bin (eq. 2); bins between midpoints, as in the reference code
         mids = 0.5 * (z[:, 1:] + z[:, :-1])
         lower, upper = torch.cat([z[:, :1], mids], -1), torch.cat([mids, z[:, -1:]], -1)
         z = lower + (upper - lower) * u[:, :S]
-    viewdirs = d / d.norm(dim=-1, keepdim=True)
 
     def shade(mlp, z):                                                  # r(t) = o + t d at depths z: (N, S, 3)
-        raw = nerf.query(mlp, o[:, None] + d[:, None] * z[..., None], viewdirs)
+        raw = nerf.query(mlp, o[:, None] + d[:, None] * z[..., None], d / d.norm(dim=-1, keepdim=True))
         return raw2outputs(raw, z, d, raw_noise_std, nerf.white_bkgd)
     outs = [shade(nerf.coarse, z)]
     if nerf.fine is not None and nerf.N_importance > 0:  # more depths where the coarse weights are, all sorted
@@ -269,8 +246,7 @@ def render_rays(nerf, rays, u=None, raw_noise_std=0.0):
 
 # ---------------------------------------------------------------- training
 def train_step(model, opt, rays, target, u):
-    """One Adam step on rays (N, 6) and target colours (N, 3); u as in NeRF.forward.
-    -> MSE per network, the fine one first (detached)."""
+    """One Adam step on rays (N, 6), colours (N, 3), u as in NeRF.forward -> MSE per network, fine first (detached)."""
     mse = model(rays, target, u).sum(0) / target.numel()                # sum over replicas / global count
     loss = mse.sum()                                                    # MSE(fine) + MSE(coarse)   (eq. 6)
     if not torch.isfinite(loss):
@@ -287,8 +263,7 @@ def mse2psnr(mse):
 
 
 def ssim(a, b):
-    """SSIM (Wang et al. 2004) of images (H, W, 3) in [0, 1]: means, variances and covariance under an 11x11
-    Gaussian window of sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, averaged over the valid pixels and the channels."""
+    """SSIM (Wang et al. 2004) of (H, W, 3) images in [0, 1]: an 11x11 Gaussian window (sigma 1.5), valid pixels."""
     k = min(11, *a.shape[:2])                                           # smaller for images under 11 pixels
     g = torch.exp(-(torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2 / (2 * 1.5 ** 2))
     window = (g[:, None] * g[None]).div(g.sum() ** 2).expand(3, 1, k, k)
@@ -300,16 +275,12 @@ def ssim(a, b):
 
 
 @torch.no_grad()
-def render_image(model, H, W, focal, c2w, chunk, device):
-    """One view, chunk rays at a time (split over the GPUs) -> (H, W, 6) on the CPU: rgb, depth, disparity, opacity."""
-    o, d = get_rays(H, W, focal, c2w)
-    rays = torch.cat([o, d], -1).view(-1, 6)
+def render_image(model, H, W, focal, c2w, chunk, device):  # one view -> (H, W, 6) on the CPU: rgb, depth, disp, opacity
+    rays = torch.cat(get_rays(H, W, focal, c2w), -1).view(-1, 6)
     return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
 
 
-def render_testset(model, data, args, folder, step, device):
-    """Every test view to folder/<stem>.png (stem: its ground truth's file name), scored against the ground truth
-    (composited alike; area-downsampled with --render_factor): mean and per-view PSNR and SSIM in metrics.json."""
+def render_testset(model, data, args, folder, step, device):  # -> folder/<stem>.png, PSNR and SSIM in metrics.json
     f = args.render_factor or 1
     H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
     os.makedirs(folder, exist_ok=True)
@@ -325,9 +296,7 @@ def render_testset(model, data, args, folder, step, device):
     return result
 
 
-def render_video(model, data, args, path, device, frames=40):
-    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, to path.mp4 when
-    imageio has a video writer (PyAV or imageio-ffmpeg), else path.gif. -> the file written."""
+def render_video(model, data, args, path, device, frames=40):  # a turntable -> path.mp4 (.gif: no video writer)
     f = args.video_factor or args.render_factor or 1
     H, W, focal = data["H"] // f // 2 * 2, data["W"] // f // 2 * 2, data["focal"] / f  # even sizes for H.264
     radius = data["poses"][:, :3, 3].norm(dim=-1).median().item()
@@ -336,15 +305,12 @@ def render_video(model, data, args, path, device, frames=40):
     disp = out[..., 4:5] * out[..., 5:6]                                # empty space black
     video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
     mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
-    path += ".mp4" if mp4 else ".gif"
-    options = dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0)  # 30 frames per second
-    atomic(path, lambda p: iio.imwrite(p, video, **options))
+    path, opts = (path + ".mp4", dict(fps=30, codec="libx264")) if mp4 else (path + ".gif", dict(duration=33, loop=0))
+    atomic(path, lambda p: iio.imwrite(p, video, **opts))                # 30 frames per second either way
     return path
 
 
-def finish(model, data, args, outdir, step, seconds, device):
-    """The end of a run: outdir/testset_<step>/ and outdir/video_<step>.mp4, the time they take said first; final.json
-    and the summary line. -> the test figures."""
+def finish(model, data, args, outdir, step, seconds, device):  # test views, video, final.json, the summary line
     f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
     rays, tic = (len(data["test_images"]) / f ** 2 + 40 / g ** 2) * data["H"] * data["W"], time.time()
     render_image(model, 1, 1024, data["focal"], data["test_poses"][0], args.chunk, device)   # 1024 rays, timed
@@ -358,15 +324,13 @@ def finish(model, data, args, outdir, step, seconds, device):
     return final
 
 
-def render_only(args, data, device, gpus, expdir, model_class):
-    """--render_only: test views and video of a checkpoint in <expdir>/render_only_<step>/, apart from its run's."""
-    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
-    ckpt = load_checkpoint(path, device)
-    raw = model_class(**ckpt["model_args"])
+def render_only(args, data, device, gpus, expdir, model_class):  # outputs of a checkpoint in render_only_<step>/
+    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"), device)
+    raw = model_class(**ckpt["model_args"]).to(device)
     raw.load_state_dict(ckpt["model"])
     for key in RENDER_OPTIONS:
         setattr(raw, key, getattr(args, key))
-    model = nn.DataParallel(raw.to(device), device_ids=gpus) if len(gpus) > 1 else raw.to(device)
+    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw
     return finish(model, data, args, os.path.join(expdir, f"render_only_{ckpt['step']}"), ckpt["step"], 0.0, device)
 
 
@@ -377,25 +341,23 @@ SYNTHETIC_URL = ("https://drive.usercontent.google.com/download?id=18JxhpWD-4Zmu
                  "&export=download&confirm=t")
 
 
-def fetch_synthetic(datadir, url):
-    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/, each scene by one rename once
-    complete; zipfile strips "/" and ".." from member names, so nothing lands outside the folder."""
+def fetch_synthetic(datadir, url):  # nerf_synthetic.zip (no checksum is published) -> datadir/nerf_synthetic/<scene>
     target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
     try:
         os.makedirs(datadir, exist_ok=True)
         if not os.path.exists(zip_path):
             download(url, zip_path)
-    except (OSError, ValueError, http.client.HTTPException) as e:
+    except Exception as e:  # OSError, HTTP errors, a wrong md5
         fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
              f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with zipfile.ZipFile(zip_path) as z:
+        with zipfile.ZipFile(zip_path) as z:                            # it drops "/" and "..": all stays in tmp
             z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
         scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
     except (zipfile.BadZipFile, FileNotFoundError):
         fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
-    for scene in scenes:
+    for scene in scenes:                                                # each scene by one rename, once complete
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
     shutil.rmtree(tmp)
@@ -407,13 +369,11 @@ def composite(rgba, white):
     return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
 
 
-def area_resize(image, h, w):
-    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
+def area_resize(image, h, w):  # (H, W, C) -> (h, w, C), averaging pixel areas (the reference's cv2.INTER_AREA)
     return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
 
 
-def read_rgba(path, half_res):
-    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+def read_rgba(path, half_res):  # a PNG -> float RGBA (H, W, 4) in [0, 1]; RGB gets alpha 1
     try:
         a = np.asarray(iio.imread(path))
     except FileNotFoundError:
@@ -422,16 +382,14 @@ def read_rgba(path, half_res):
         fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
     if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
         fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
-    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
-    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
+    x = F.pad(torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max), (0, 4 - a.shape[-1]), value=1.0)
     return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
 
 
 def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
-    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x and,
-    per frame, a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the camera
-    looks down its -z axis, +y up). -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses,
-    test_names (the ground truth's file stems), H, W, focal."""
+    """A scene in the NeRF synthetic data's Blender format: transforms_{train,test}.json hold camera_angle_x and, per
+    frame, a file_path (PNG, extension omitted) and a camera-to-world transform_matrix (OpenGL: looks down -z, +y up).
+    -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_names (file stems), H, W, focal."""
     data, shape = {}, None
     for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
         path = os.path.join(folder, f"transforms_{name}.json")
@@ -447,13 +405,11 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
             fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
         except (ValueError, KeyError, TypeError) as e:
             fail(f"not a usable Blender transforms file ({type(e).__name__}: {e})", path, "fix or replace the file")
-        images = []
-        for file in tqdm(files, desc=f"{name} images", leave=False):
-            rgba = read_rgba(file, half_res)
-            if shape and rgba.shape != shape:
-                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
-            shape = rgba.shape
-            images.append(composite(rgba, white_bkgd))
+        images = [composite(read_rgba(f, half_res), white_bkgd) for f in tqdm(files, f"{name} images", leave=False)]
+        shape = shape or images[0].shape                                # the first training image's
+        for file, image in zip(files, images):
+            if image.shape != shape:
+                fail(f"image of {tuple(image.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
         data[split + "images"], data[split + "poses"], data[split + "angle"] = torch.stack(images), poses, angle
     data["test_names"], (data["H"], data["W"]) = [os.path.basename(f).removesuffix(".png") for f in files], shape[:2]
     data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
@@ -472,57 +428,41 @@ def get_rays(H, W, focal, c2w, ys=None, xs=None):
 
 
 def orbit_pose(azimuth, elevation, radius):
-    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
-    looking at the origin, world +z up (the synthetic scenes' convention)."""
+    """Camera-to-world (4, 4) at azimuth, elevation (degrees) and radius, looking at the origin, world +z up."""
     a, e = math.radians(float(azimuth)), math.radians(float(elevation))
     back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
     right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
-    c2w = torch.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
-    return c2w
+    columns = torch.stack([right, torch.linalg.cross(back, right), back, radius * back], 1)  # right, up, back, centre
+    return torch.cat([columns, torch.tensor([[0.0, 0.0, 0.0, 1.0]])])
 
 
-SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
-           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
-BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
-FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
+ELLIPSOIDS = [  # centre, radius (or radii), colour (None: checkered grey), highlight; the floor is a flat disc
+    ((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15), 0.6), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3), 0.6),
+    ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2), 0.6), ((-0.55, -0.45, -0.1), 0.35, (0.25, 0.4, 0.9), 0.0),
+    ((0.0, 0.0, -0.5), (1.3, 1.3, 0.05), None, 0.0)]
 
 
 def ray_cast(o, d):
-    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
-    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
-    hits = []                                                           # (t, normal, albedo, specular)
-    for centre, r, colour in SPHERES:
-        oc = o - torch.tensor(centre)
-        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
-        t = -b - disc.clamp(min=0).sqrt()
-        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
-    lo, hi, colour = (torch.tensor(v) for v in BOX)
-    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
-    t_in, axis = torch.minimum(t1, t2).max(-1)
-    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
-    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
-    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
-    p = o + t[..., None] * d
-    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
-    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
-                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
-    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
-    for t, n, a, s in hits:
-        near = t < best
-        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
-        normal = torch.where(near[..., None], n, normal)
-        albedo = torch.where(near[..., None], torch.as_tensor(a), albedo)
-    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
-    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
-    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
-    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
+    """Unit rays (..., 3) -> RGBA (..., 4) of the nearest hit: Lambert, a Blinn-Phong highlight; alpha 0 on a miss."""
+    light = F.normalize(torch.tensor([0.4, 0.3, 0.87]), dim=0)
+    half = F.normalize(light - d, dim=-1)                               # halfway between the light and the viewer
+    best, rgb = torch.full(o.shape[:-1], math.inf), torch.zeros_like(o)
+    for centre, radii, colour, shine in ELLIPSOIDS:
+        r = torch.tensor(radii)
+        q, v = (o - torch.tensor(centre)) / r, d / r                    # scaled to the unit sphere: |q + t v| = 1
+        a, b, c = (v * v).sum(-1), (q * v).sum(-1), (q * q).sum(-1) - 1
+        t = (-b - (b * b - a * c).clamp(min=0).sqrt()) / a              # the nearer root of a t^2 + 2 b t + c = 0
+        hit = (b * b > a * c) & (t > 0) & (t < best)
+        p, n = o + t[..., None] * d, F.normalize((q + t[..., None] * v) / r, dim=-1)  # normal: grad |(p - c) / r|^2
+        albedo = torch.tensor(colour) if colour else 0.5 + 0.35 * ((2 * p[..., :2]).floor().sum(-1, keepdim=True) % 2)
+        shade = albedo * (0.3 + 0.7 * (n * light).sum(-1, keepdim=True).clamp(min=0))   # Lambert
+        shade = shade + shine * (n * half).sum(-1, keepdim=True).clamp(min=0) ** 40     # Blinn-Phong
+        best, rgb = torch.where(hit, t, best), torch.where(hit[..., None], shade, rgb)
     return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
 
 
 def make_procedural(folder, size, views=(40, 4, 8)):
-    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
-    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
+    """The scene in Blender format, 2x2 rays per pixel; cameras at radius 4, random (train, val) or on a ring (test)."""
     g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n in zip(("train", "val", "test"), views):
@@ -534,17 +474,15 @@ def make_procedural(folder, size, views=(40, 4, 8)):
         for i in range(n):
             c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
             o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
-            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
-            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
-            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
+            rgba = area_resize(ray_cast(o, F.normalize(d, dim=-1)), size, size)
+            rgba[..., :3] /= rgba[..., 3:].clamp(min=1e-6)              # straight alpha, as in Blender's PNGs
+            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba))
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        meta = {"camera_angle_x": angle, "frames": frames}
-        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(meta))
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(dict(camera_angle_x=angle, frames=frames)))
     os.replace(tmp, folder)
 
 
-def load_scene(args):
-    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
+def load_scene(args):  # --scene -> load_blender's dict, the scene generated or downloaded first if need be
     name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
     folder = os.path.join(args.datadir, "nerf_synthetic", name)
     if not os.path.exists(folder) and args.scene == "procedural":
@@ -557,11 +495,9 @@ def load_scene(args):
 
 
 def sample_batch(data, step, args, g):
-    """N_rand training rays and their colours, on the CPU, drawn with generator g: distinct pixels of one random
-    image (the reference's Blender default; its central crop during the first precrop_iters steps, so that the
-    white background does not win early), or pixels of all images (--use_batching). -> (N, 6), (N, 3)."""
-    images, poses = data["images"], data["poses"]
-    n, H, W = images.shape[:3]
+    """N_rand rays (N, 6) and colours (N, 3) drawn with g: distinct pixels of one random image (the reference's
+    Blender default; its centre until precrop_iters, lest white background win early), or of all (--use_batching)."""
+    n, H, W = data["images"].shape[:3]
     if args.use_batching:
         k = torch.randint(n * H * W, (args.N_rand,), generator=g)
         img, ys, xs = k // (H * W), k // W % H, k % W
@@ -572,23 +508,19 @@ def sample_batch(data, step, args, g):
             y0, y1, x0, x1 = H // 2 - dh, H // 2 + dh, W // 2 - dw, W // 2 + dw
         k = torch.randperm((y1 - y0) * (x1 - x0), generator=g)[:args.N_rand]
         img, ys, xs = torch.randint(n, (), generator=g).expand(len(k)), y0 + k // (x1 - x0), x0 + k % (x1 - x0)
-    o, d = get_rays(H, W, data["focal"], poses[img], ys, xs)
-    return torch.cat([o, d], -1), images[img, ys, xs]
+    return torch.cat(get_rays(H, W, data["focal"], data["poses"][img], ys, xs), -1), data["images"][img, ys, xs]
 
 
 # ---------------------------------------------------------------- harness (identical in all four scripts)
 # Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
 # in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
 # get_parser, preset_defaults and check_args are each script's own.
-def fail(what, where, fix):
-    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+def fail(what, where, fix):                                             # a user error: one line, exit status 1
     raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
-
-    def error(self, message):
+class Parser(argparse.ArgumentParser):                                  # argparse, with one-line errors
+    def error(self, message):                                           # unknown flags: ALIASES, or the closest
         hints = []
         for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
             close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
@@ -606,8 +538,7 @@ def positive(kind, zero=False):                                         # an arg
     return check
 
 
-def parse_args(argv=None):
-    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+def parse_args(argv=None):                                              # a preset sets defaults: given flags win
     parser = get_parser()
     parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
     args = check_args(parser.parse_args(argv))
@@ -616,8 +547,7 @@ def parse_args(argv=None):
     return args
 
 
-def pick_devices(args):
-    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+def pick_devices(args):                                                 # -> device, DataParallel ids (--gpus)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
@@ -626,22 +556,21 @@ def pick_devices(args):
     if name == "cpu":
         return torch.device("cpu"), []
     n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
-    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+    if not all(i.isdigit() and int(i) < n for i in gpus):            # one GPU unless --gpus lists more
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
-    torch.cuda.set_device(int(gpus[0]))
+    torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+def freeze(model, patterns):                                            # --freeze: no gradient to matching names
     names = [n for n, _ in model.named_parameters()]
     if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
         fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train == 0 or patterns:
+    if patterns:
         print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
@@ -665,20 +594,18 @@ def to_uint8(x):                                                        # [0, 1]
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def make_expdir(args):
-    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+def make_expdir(args):                                                  # <basedir>/<expname>/, made if need be
     expdir = os.path.join(args.basedir, args.expname)
     try:
         os.makedirs(expdir, exist_ok=True)
+        if not os.access(expdir, os.W_OK):
+            raise OSError(0, "not writable")
     except OSError as e:
-        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
-    if not os.access(expdir, os.W_OK):
-        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+        fail(f"cannot write to the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
     return expdir
 
 
-def download(url, path, md5=None):
-    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
     tmp, digest = path + ".part", hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
@@ -698,8 +625,7 @@ def fingerprint(name, *tensors):                                        # what a
     return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
 
 
-def save_checkpoint(path, model, optimizers, step, state, args, data):
-    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+def save_checkpoint(path, model, optimizers, step, state, args, data):  # one layout in the four scripts
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     atomic(path, lambda p: torch.save({
         "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
@@ -707,8 +633,7 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):
         "data": data}, p))
 
 
-def load_checkpoint(path, device):
-    """A checkpoint this script wrote, as a dict, or a one-line error."""
+def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
@@ -721,15 +646,14 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
-    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
+    # Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    # kinds): weights, optimizer and RNG states, the counters (into state). -> the step to go on from.
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
     ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
-    for key, value in model.config.items():
-        if ckpt["model_args"].get(key) != value:
-            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
+        fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
     for key, opt in optimizers.items():
@@ -740,15 +664,14 @@ def resume(args, expdir, model, optimizers, state, data, device):
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update(ckpt["state"])
+    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 
 class Run:
-    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
-    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
-
+    # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
@@ -777,13 +700,13 @@ class Run:
     def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items() if self.board else ():
-            if key != "step" and isinstance(value, (int, float)):
-                self.board.add_scalar(key, value, record["step"])
-        if self.board and image is not None:
-            image = iio.imread(image) if isinstance(image, str) else image
-            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
         if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            if image is not None:
+                image = iio.imread(image) if isinstance(image, str) else image
+                self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
             self.board.flush()
 
     def __enter__(self):
@@ -809,7 +732,7 @@ def interrupted(step, path):                                            # after 
 def main(argv=None):
     args = parse_args(argv)
     device, gpus = pick_devices(args)
-    args.netchunk = args.netchunk or (1024 * 64 if device.type == "cuda" else 4096)
+    args.netchunk = args.netchunk or (1024 * 64 if device.type == "cuda" else 4096)  # small chunks: 2x faster on CPUs
     expdir = make_expdir(args)
     torch.manual_seed(args.seed)
     data = load_scene(args)
@@ -836,8 +759,7 @@ def main(argv=None):
     start, ckpt_path = time.time() - state["seconds"], os.path.join(expdir, "ckpt.pt")
     with Run(args, expdir, step, args.N_iters, state["seconds"], "--N_iters") as run:
         while step < args.N_iters and not run.over(state["seconds"]):
-            for group in opt.param_groups:
-                group["lr"] = args.lrate * 0.1 ** (step / (args.lrate_decay * 1000))  # tenfold per lrate_decay k steps
+            opt.param_groups[0]["lr"] = args.lrate * 0.1 ** (step / (args.lrate_decay * 1000))  # one Adam group
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)
             rays, target = sample_batch(data, step, args, g)
             u = torch.rand(len(rays), args.N_samples + args.N_importance, generator=g) if args.perturb > 0 else None
@@ -848,8 +770,7 @@ def main(argv=None):
             if step % args.i_print == 0 or step == args.N_iters:
                 m = state["sums"][:-1] / state["sums"][-1]
                 run.log({"step": step, "loss": m.sum().item(), "psnr": mse2psnr(m[0]), "lr": opt.param_groups[0]["lr"],
-                         **({"psnr_coarse": mse2psnr(m[1])} if len(m) > 1 else {}),
-                         "seconds": round(state["seconds"], 2)})
+                         "seconds": round(state["seconds"], 2), **{"psnr_coarse": mse2psnr(c) for c in m[1:]}})
                 state["sums"].zero_()
             if step % args.i_weights == 0:
                 save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)

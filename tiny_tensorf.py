@@ -1,24 +1,20 @@
 """tiny_tensorf.py: TensoRF radiance fields (vector-matrix decomposition) in one file.
 
-Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), with the reference defaults for the
-Blender scenes. Density and appearance are grids over the scene box, sums of plane x line products (VM, eq. 4):
+Chen et al., "TensoRF: Tensorial Radiance Fields", ECCV 2022 (arXiv:2203.09517), reference defaults (Blender scenes).
+Density and appearance are grids over the scene box, sums of plane x line products (VM, eq. 4):
     G(x, y, z) = sum_r v^Z_r(z) M^XY_r(x, y) + v^Y_r(y) M^XZ_r(x, z) + v^X_r(x) M^YZ_r(y, z),
-sigma = softplus(G_sigma + shift); a basis matrix and a small MLP map G_app and the view direction to a colour. Rays
-march at half-voxel steps, skip what an alpha mask marks empty and composite as in NeRF; the grids grow during
-training, and the box shrinks to the occupied part.
+sigma = softplus(G_sigma + shift), colour c = MLP(B G_app, d) (B a basis matrix, d the view). Rays march at half-voxel
+steps, skip what an alpha mask marks empty and composite as in NeRF; the grids grow, the box shrinks to what is full.
 
-    python tiny_tensorf.py --scene lego                  # downloads nerf_synthetic into data/ if missing
-    python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50
-    python tiny_tensorf.py --scene procedural            # a scene generated here: no network needed
+    python tiny_tensorf.py --scene lego          # downloads nerf_synthetic into data/ if missing (procedural: offline)
+    python tiny_tensorf.py --datadir ../shared/data --preset cpu --max_minutes 5 --testskip 50   # a local copy
     python tiny_tensorf.py --preset cpu --render_only    # test views and video from logs/tensorf_lego_cpu/ckpt.pt
 Sections: arguments, model, training, evaluation & outputs, data, harness (the same in the four scripts), main.
-Outputs in logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4, final.json.
-"""
+Outputs in logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, testset_<step>/, video_<step>.mp4, final.json."""
 import argparse
 import difflib
 import fnmatch
 import hashlib
-import http.client
 import importlib.util
 import json
 import math
@@ -45,10 +41,9 @@ NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code),
 
 
 # ---------------------------------------------------------------- arguments
-PRESETS = {  # applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
-    "cpu": dict(N_voxel_init=32 ** 3, N_voxel_final=200 ** 3, upsamp_list=[100, 200, 300, 400, 500],
-                update_AlphaMask_list=[50, 150, 300, 500], batch_size=2048, video_factor=4),
-}
+# PRESETS apply before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
+PRESETS = {"cpu": dict(N_voxel_init=32 ** 3, N_voxel_final=200 ** 3, upsamp_list=[100, 200, 300, 400, 500],
+                       update_AlphaMask_list=[50, 150, 300, 500], batch_size=2048, video_factor=4)}
 ALIASES = {"--n_iters": "--N_iters", "--dataset_name": "read from the folder (--datadir, --scene)",
            "--render_test": "--render_only", "--render_path": "--render_only (it renders the video)",
            "--lr_decay_iters": "the --N_iters or --max_minutes the decay runs over", "--downsample_train": "--half_res",
@@ -126,10 +121,9 @@ def preset_defaults(args):
 
 
 def check_args(args):
-    for name in ("upsamp_list", "update_AlphaMask_list"):
-        steps = getattr(args, name)
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            fail(f"steps must increase, got {steps}", f"--{name}", "e.g. --upsamp_list 2000 3000 4000")
+    for name, steps in (("--upsamp_list", args.upsamp_list), ("--update_AlphaMask_list", args.update_AlphaMask_list)):
+        if sorted(set(steps)) != steps:                                 # not strictly increasing
+            fail(f"steps must increase, got {steps}", name, "e.g. --upsamp_list 2000 3000 4000")
     if args.N_voxel_final < args.N_voxel_init:
         fail(f"{args.N_voxel_final} < --N_voxel_init {args.N_voxel_init}", "--N_voxel_final", "grids only grow")
     if args.scene != os.path.basename(args.scene) or args.scene in ("", ".", ".."):
@@ -163,17 +157,16 @@ class Interp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         idx, w = ctx.saved_tensors
-        point = torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])
-        wt = torch.sparse_coo_tensor(torch.stack([idx.flatten(), point]), w.flatten(), (ctx.rows, len(idx)),
-                                     check_invariants=False)
+        ij = torch.stack([idx.flatten(), torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])])
+        wt = torch.sparse_coo_tensor(ij, w.flatten(), (ctx.rows, len(idx)), check_invariants=False)  # W^T (rows, P)
         return torch.sparse.mm(wt, grad), None, None
 
 
 def corners(t, n):
-    """t (P,) in [-1, 1] over n vertices (corners aligned) -> lower vertex (P,), fraction (P,)."""
+    """t (P,) in [-1, 1] over n vertices (corners aligned) -> vertices i, i + 1 (P, 2) and weights 1 - f, f (P, 2)."""
     p = (t + 1) * (0.5 * (n - 1))
     i = p.floor().clamp(0, n - 2)
-    return i.long(), p - i
+    return torch.stack([i, i + 1], 1).long(), torch.stack([1 - (p - i), p - i], 1)
 
 
 def vm_sample(planes, lines, x):
@@ -181,19 +174,16 @@ def vm_sample(planes, lines, x):
     lines[i] (R_w, C): channels last (the reference's (1, C, R_v, R_u), transposed)."""
     out = []
     for plane, line, (a, b), c in zip(planes, lines, MAT, VEC):
-        W = plane.shape[1]
-        (iu, fu), (iv, fv), (iw, fw) = corners(x[:, a], W), corners(x[:, b], len(plane)), corners(x[:, c], len(line))
-        i = iv * W + iu
-        m = Interp.apply(plane.view(-1, plane.shape[2]), torch.stack([i, i + 1, i + W, i + W + 1], 1),
-                         torch.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], 1))
-        v = Interp.apply(line, torch.stack([iw, iw + 1], 1), torch.stack([1 - fw, fw], 1))
+        (iu, wu), (iv, wv) = corners(x[:, a], plane.shape[1]), corners(x[:, b], len(plane))
+        i = (iv[:, :, None] * plane.shape[1] + iu[:, None]).flatten(1)  # the 4 vertices around (u, v)   (P, 4)
+        m = Interp.apply(plane.flatten(0, 1), i, (wv[:, :, None] * wu[:, None]).flatten(1))  # bilinear in (u, v)
+        v = Interp.apply(line, *corners(x[:, c], len(line)))            # linear in w
         out.append(m * v)                                               # M_r(u, v) v_r(w)   (P, C)
     return torch.cat(out, 1)
 
 
 def vm_dense(planes, lines, summed=True):
-    """The factorised tensor at the vertices, summed (X, Y, Z) or per component (3 C, X, Y, Z); trilinear
-    interpolation of it equals vm_sample (bilinear times linear)."""
+    """The tensor at the vertices, summed (X, Y, Z) or per component (3 C, X, Y, Z); vm_sample is trilinear in it."""
     spec = ("jic,kc", "kic,jc", "kjc,ic")                               # M^XY(x, y) v^Z(z), M^XZ v^Y, M^YZ v^X
     out = [torch.einsum(f"{s}->{'' if summed else 'c'}ijk", p, l_) for s, p, l_ in zip(spec, planes, lines)]
     return sum(out) if summed else torch.cat(out)
@@ -251,16 +241,14 @@ class TensorVM(nn.Module):
         h = torch.cat([feature, viewdirs, encode(feature, self.fea_pe), encode(viewdirs, self.view_pe)], -1)
         return torch.sigmoid(self.mlp(h))
 
-    def occupied(self, x):
-        """Whether points x (P, 3) in the box fall in voxels the alpha mask keeps (its nearest vertex): a lookup."""
+    def occupied(self, x):  # points x (P, 3) in the box -> the alpha mask at their nearest vertices (P,): a lookup
         size = torch.tensor(self.alpha_mask.shape, device=x.device)
         i = ((self.normalize(x) + 1) * 0.5 * (size - 1)).round().long().clamp(min=0).minimum(size - 1)
         return self.alpha_mask[i[:, 0], i[:, 1], i[:, 2]]
 
     def render_rays(self, rays, u=None):
-        """Ray marching: samples every step_ratio voxels from where a ray (N, 6) enters the box, shifted by u (N,) in
-        training; density where the alpha mask keeps voxels, colour where w_i > rm_weight_mask_thre. -> rgb, depth,
-        acc"""
+        """Rays (N, 6) -> rgb (N, 3), depth, acc (N,): samples every step_ratio voxels from where a ray enters the box,
+        shifted by u (N,) in training; density where the alpha mask is on, colour where w_i > rm_weight_mask_thre."""
         o, d = rays[:, :3], F.normalize(rays[:, 3:6], dim=-1)
         near, far = ray_box(o, d, self.aabb)
         step = self.step_size()
@@ -293,8 +281,7 @@ class TensorVM(nn.Module):
         return sum(g.abs().mean() for g in [*self.density_planes, *self.density_lines])
 
     def remap(self, fn):
-        """Replace every grid g by fn(g, dims): g in the reference layout (1, C, H, W) over world axes dims, frozen ones
-        staying frozen."""
+        """Each grid g -> fn(g, dims), g in the reference layout (1, C, H, W) over world axes dims; frozen stays so."""
         for planes, lines in ((self.density_planes, self.density_lines), (self.app_planes, self.app_lines)):
             for i, (a, b), c, p, v in zip(range(3), MAT, VEC, planes, lines):
                 plane = fn(p.detach().permute(2, 0, 1)[None], (b, a))[0].permute(1, 2, 0)   # back to channels last
@@ -302,8 +289,7 @@ class TensorVM(nn.Module):
                 lines[i] = nn.Parameter(fn(v.detach().t()[None, :, :, None], (c, 3))[0, :, :, 0].t().contiguous(),
                                         v.requires_grad)
 
-    @torch.no_grad()
-    def upsample(self, n_voxels):
+    def upsample(self, n_voxels):                                       # (no graph: remap detaches)
         """Resample the grids to about n_voxels cubic voxels over the box (field kept up to interpolation error)."""
         size = self.aabb[1] - self.aabb[0]
         reso = (size / (size.prod() / n_voxels) ** (1 / 3)).round().long().clamp(min=2).tolist() + [1]
@@ -318,32 +304,27 @@ class TensorVM(nn.Module):
         self.alpha_mask = F.max_pool3d(alpha[None, None], 3, stride=1, padding=1)[0, 0] >= self.alpha_mask_thre
         return self.alpha_mask.float().mean().item()
 
-    @torch.no_grad()
-    def shrink(self):
+    def shrink(self):                                                   # (no graph: remap detaches)
         """Crop the box, the grids and the mask to the vertices the alpha mask keeps: the field inside is unchanged."""
-        kept = self.alpha_mask.nonzero()
+        kept, units = self.alpha_mask.nonzero().cpu(), self.units()
         if len(kept) == 0:
             return
-        reso, units = torch.tensor(self.reso()), self.units()
-        hi = torch.maximum(kept.amax(0).cpu(), kept.amin(0).cpu() + 1).minimum(reso - 1)  # at least 2 vertices
-        lo = torch.minimum(kept.amin(0).cpu(), hi - 1)
+        hi = torch.maximum(kept.amax(0), kept.amin(0) + 1).minimum(torch.tensor(self.reso()) - 1)  # at least 2 vertices
+        lo = torch.minimum(kept.amin(0), hi - 1)
         span = [slice(a, b + 1) for a, b in zip(lo.tolist(), hi.tolist())] + [slice(None)]
         self.remap(lambda g, dims: g[:, :, span[dims[0]], span[dims[1]]].clone())
         self.alpha_mask = self.alpha_mask[span[0], span[1], span[2]].clone()
-        self.aabb = torch.stack([self.aabb[0] + lo.to(units) * units, self.aabb[0] + hi.to(units) * units])
+        self.aabb = self.aabb[0] + torch.stack([lo, hi]).to(units) * units
 
     def load_state_dict(self, state, strict=True):                      # grids, box, mask: the checkpoint's shapes
-        for name, value in state.items():
-            module, _, leaf = name.rpartition(".")
-            old = getattr(self.get_submodule(module), leaf, None)
-            if old is not None and old.shape != value.shape:             # resized in place: optimizers keep it
-                old.data = torch.empty_like(value, device=old.device)
+        for name, old in self.state_dict(keep_vars=True).items():       # the parameters and buffers themselves
+            if name in state and old.shape != state[name].shape:         # resized in place: optimizers keep them
+                old.data = torch.empty_like(state[name], device=old.device)
         return super().load_state_dict(state, strict)
 
 
 # ---------------------------------------------------------------- training
-def make_optimizer(raw, args):
-    """Adam with the reference's groups and betas; built anew whenever the grids change shape, as the reference does."""
+def make_optimizer(raw, args):  # Adam with the reference's groups and betas; built anew whenever the grids change shape
     grids = [*raw.density_planes, *raw.density_lines, *raw.app_planes, *raw.app_lines]
     nets = [*raw.basis_mat.parameters(), *raw.mlp.parameters()]
     return torch.optim.Adam([{"params": grids, "lr": args.lr_init}, {"params": nets, "lr": args.lr_basis}],
@@ -368,8 +349,7 @@ def mse2psnr(mse):
 
 
 def ssim(a, b):
-    """SSIM (Wang et al. 2004) of images (H, W, 3) in [0, 1]: means, variances and covariance under an 11x11
-    Gaussian window of sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, averaged over the valid pixels and the channels."""
+    """SSIM (Wang et al. 2004) of (H, W, 3) images in [0, 1]: an 11x11 Gaussian window (sigma 1.5), valid pixels."""
     k = min(11, *a.shape[:2])                                           # smaller for images under 11 pixels
     g = torch.exp(-(torch.arange(k, dtype=torch.float64) - (k - 1) / 2) ** 2 / (2 * 1.5 ** 2))
     window = (g[:, None] * g[None]).div(g.sum() ** 2).expand(3, 1, k, k)
@@ -381,16 +361,12 @@ def ssim(a, b):
 
 
 @torch.no_grad()
-def render_image(model, H, W, focal, c2w, chunk, device):
-    """One view, chunk rays at a time (split over the GPUs) -> (H, W, 6) on the CPU: rgb, depth, disparity, opacity."""
-    o, d = get_rays(H, W, focal, c2w)
-    rays = torch.cat([o, d], -1).view(-1, 6)
+def render_image(model, H, W, focal, c2w, chunk, device):  # one view -> (H, W, 6) on the CPU: rgb, depth, disp, opacity
+    rays = torch.cat(get_rays(H, W, focal, c2w), -1).view(-1, 6)
     return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
 
 
-def render_testset(model, data, args, folder, step, device):
-    """Every test view to folder/<stem>.png (stem: its ground truth's file name), scored against the ground truth
-    (composited alike; area-downsampled with --render_factor): mean and per-view PSNR and SSIM in metrics.json."""
+def render_testset(model, data, args, folder, step, device):  # -> folder/<stem>.png, PSNR and SSIM in metrics.json
     f = args.render_factor or 1
     H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
     os.makedirs(folder, exist_ok=True)
@@ -406,9 +382,7 @@ def render_testset(model, data, args, folder, step, device):
     return result
 
 
-def render_video(model, data, args, path, device, frames=40):
-    """A turntable: `frames` views around the scene at 30 degrees elevation, rgb beside disparity, to path.mp4 when
-    imageio has a video writer (PyAV or imageio-ffmpeg), else path.gif. -> the file written."""
+def render_video(model, data, args, path, device, frames=40):  # a turntable -> path.mp4 (.gif: no video writer)
     f = args.video_factor or args.render_factor or 1
     H, W, focal = data["H"] // f // 2 * 2, data["W"] // f // 2 * 2, data["focal"] / f  # even sizes for H.264
     radius = data["poses"][:, :3, 3].norm(dim=-1).median().item()
@@ -417,15 +391,12 @@ def render_video(model, data, args, path, device, frames=40):
     disp = out[..., 4:5] * out[..., 5:6]                                # empty space black
     video = to_uint8(torch.cat([out[..., :3], (disp / disp.max().clamp(min=1e-10)).expand_as(out[..., :3])], 2))
     mp4 = importlib.util.find_spec("imageio_ffmpeg") or importlib.util.find_spec("av")  # imageio's video writers
-    path += ".mp4" if mp4 else ".gif"
-    options = dict(fps=30, codec="libx264") if mp4 else dict(duration=33, loop=0)  # 30 frames per second
-    atomic(path, lambda p: iio.imwrite(p, video, **options))
+    path, opts = (path + ".mp4", dict(fps=30, codec="libx264")) if mp4 else (path + ".gif", dict(duration=33, loop=0))
+    atomic(path, lambda p: iio.imwrite(p, video, **opts))                # 30 frames per second either way
     return path
 
 
-def finish(model, data, args, outdir, step, seconds, device):
-    """The end of a run: outdir/testset_<step>/ and outdir/video_<step>.mp4, the time they take said first; final.json
-    and the summary line. -> the test figures."""
+def finish(model, data, args, outdir, step, seconds, device):  # test views, video, final.json, the summary line
     f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
     rays, tic = (len(data["test_images"]) / f ** 2 + 40 / g ** 2) * data["H"] * data["W"], time.time()
     render_image(model, 1, 1024, data["focal"], data["test_poses"][0], args.chunk, device)   # 1024 rays, timed
@@ -439,15 +410,13 @@ def finish(model, data, args, outdir, step, seconds, device):
     return final
 
 
-def render_only(args, data, device, gpus, expdir, model_class):
-    """--render_only: test views and video of a checkpoint in <expdir>/render_only_<step>/, apart from its run's."""
-    path = args.ckpt or os.path.join(expdir, "ckpt.pt")
-    ckpt = load_checkpoint(path, device)
-    raw = model_class(**ckpt["model_args"])
+def render_only(args, data, device, gpus, expdir, model_class):  # outputs of a checkpoint in render_only_<step>/
+    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"), device)
+    raw = model_class(**ckpt["model_args"]).to(device)
     raw.load_state_dict(ckpt["model"])
     for key in RENDER_OPTIONS:
         setattr(raw, key, getattr(args, key))
-    model = nn.DataParallel(raw.to(device), device_ids=gpus) if len(gpus) > 1 else raw.to(device)
+    model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw
     return finish(model, data, args, os.path.join(expdir, f"render_only_{ckpt['step']}"), ckpt["step"], 0.0, device)
 
 
@@ -458,25 +427,23 @@ SYNTHETIC_URL = ("https://drive.usercontent.google.com/download?id=18JxhpWD-4Zmu
                  "&export=download&confirm=t")
 
 
-def fetch_synthetic(datadir, url):
-    """nerf_synthetic.zip (no checksum is published) into datadir/nerf_synthetic/, each scene by one rename once
-    complete; zipfile strips "/" and ".." from member names, so nothing lands outside the folder."""
+def fetch_synthetic(datadir, url):  # nerf_synthetic.zip (no checksum is published) -> datadir/nerf_synthetic/<scene>
     target, zip_path, tmp = (os.path.join(datadir, "nerf_synthetic" + ext) for ext in ("", ".zip", ".tmp"))
     try:
         os.makedirs(datadir, exist_ok=True)
         if not os.path.exists(zip_path):
             download(url, zip_path)
-    except (OSError, ValueError, http.client.HTTPException) as e:
+    except Exception as e:  # OSError, HTTP errors, a wrong md5
         fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
              f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with zipfile.ZipFile(zip_path) as z:
+        with zipfile.ZipFile(zip_path) as z:                            # it drops "/" and "..": all stays in tmp
             z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
         scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
     except (zipfile.BadZipFile, FileNotFoundError):
         fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
-    for scene in scenes:
+    for scene in scenes:                                                # each scene by one rename, once complete
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
     shutil.rmtree(tmp)
@@ -488,13 +455,11 @@ def composite(rgba, white):
     return rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]) * float(white)
 
 
-def area_resize(image, h, w):
-    """(H, W, C) -> (h, w, C) by averaging over pixel areas (cv2.INTER_AREA in the reference code)."""
+def area_resize(image, h, w):  # (H, W, C) -> (h, w, C), averaging pixel areas (the reference's cv2.INTER_AREA)
     return F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0)
 
 
-def read_rgba(path, half_res):
-    """A PNG as float RGBA (H, W, 4) in [0, 1]; RGB files get alpha 1."""
+def read_rgba(path, half_res):  # a PNG -> float RGBA (H, W, 4) in [0, 1]; RGB gets alpha 1
     try:
         a = np.asarray(iio.imread(path))
     except FileNotFoundError:
@@ -503,16 +468,14 @@ def read_rgba(path, half_res):
         fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
     if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
         fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
-    x = torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max)
-    x = torch.cat([x, torch.ones_like(x[..., :1])], -1) if x.shape[-1] == 3 else x    # RGB: opaque
+    x = F.pad(torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max), (0, 4 - a.shape[-1]), value=1.0)
     return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
 
 
 def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
-    """A scene in the Blender format of the NeRF synthetic data: transforms_{train,test}.json hold camera_angle_x and,
-    per frame, a file_path (PNG, extension omitted) and a 4x4 camera-to-world transform_matrix (OpenGL: the camera
-    looks down its -z axis, +y up). -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses,
-    test_names (the ground truth's file stems), H, W, focal."""
+    """A scene in the NeRF synthetic data's Blender format: transforms_{train,test}.json hold camera_angle_x and, per
+    frame, a file_path (PNG, extension omitted) and a camera-to-world transform_matrix (OpenGL: looks down -z, +y up).
+    -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_names (file stems), H, W, focal."""
     data, shape = {}, None
     for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
         path = os.path.join(folder, f"transforms_{name}.json")
@@ -528,13 +491,11 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
             fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
         except (ValueError, KeyError, TypeError) as e:
             fail(f"not a usable Blender transforms file ({type(e).__name__}: {e})", path, "fix or replace the file")
-        images = []
-        for file in tqdm(files, desc=f"{name} images", leave=False):
-            rgba = read_rgba(file, half_res)
-            if shape and rgba.shape != shape:
-                fail(f"image of {tuple(rgba.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
-            shape = rgba.shape
-            images.append(composite(rgba, white_bkgd))
+        images = [composite(read_rgba(f, half_res), white_bkgd) for f in tqdm(files, f"{name} images", leave=False)]
+        shape = shape or images[0].shape                                # the first training image's
+        for file, image in zip(files, images):
+            if image.shape != shape:
+                fail(f"image of {tuple(image.shape[:2])} among images of {tuple(shape[:2])}", file, "use one size")
         data[split + "images"], data[split + "poses"], data[split + "angle"] = torch.stack(images), poses, angle
     data["test_names"], (data["H"], data["W"]) = [os.path.basename(f).removesuffix(".png") for f in files], shape[:2]
     data["focal"] = 0.5 * data["W"] / math.tan(0.5 * data["angle"])    # from the field of view and the actual width
@@ -553,57 +514,41 @@ def get_rays(H, W, focal, c2w, ys=None, xs=None):
 
 
 def orbit_pose(azimuth, elevation, radius):
-    """Camera-to-world matrix (4, 4) of a camera at azimuth/elevation (degrees) on a sphere of this radius,
-    looking at the origin, world +z up (the synthetic scenes' convention)."""
+    """Camera-to-world (4, 4) at azimuth, elevation (degrees) and radius, looking at the origin, world +z up."""
     a, e = math.radians(float(azimuth)), math.radians(float(elevation))
     back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
     right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
-    c2w = torch.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, torch.linalg.cross(back, right), back, radius * back
-    return c2w
+    columns = torch.stack([right, torch.linalg.cross(back, right), back, radius * back], 1)  # right, up, back, centre
+    return torch.cat([columns, torch.tensor([[0.0, 0.0, 0.0, 1.0]])])
 
 
-SPHERES = [((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15)), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3)),
-           ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2))]                  # centre, radius, colour
-BOX = ((-0.9, -0.8, -0.45), (-0.2, -0.1, 0.3), (0.25, 0.4, 0.9))      # min corner, max corner, colour
-FLOOR = (-0.45, 1.3)                                                    # height and radius of a checkered disc
+ELLIPSOIDS = [  # centre, radius (or radii), colour (None: checkered grey), highlight; the floor is a flat disc
+    ((0.45, -0.4, 0.0), 0.45, (0.9, 0.2, 0.15), 0.6), ((-0.5, 0.45, -0.1), 0.35, (0.2, 0.7, 0.3), 0.6),
+    ((0.45, 0.6, -0.25), 0.2, (0.95, 0.8, 0.2), 0.6), ((-0.55, -0.45, -0.1), 0.35, (0.25, 0.4, 0.9), 0.0),
+    ((0.0, 0.0, -0.5), (1.3, 1.3, 0.05), None, 0.0)]
 
 
 def ray_cast(o, d):
-    """Nearest hits of unit rays o + t d (..., 3) with the procedural scene, Lambert-shaded, with a Blinn-Phong
-    highlight on the spheres (a view-dependent colour). -> RGBA (..., 4), alpha 0 where nothing is hit."""
-    hits = []                                                           # (t, normal, albedo, specular)
-    for centre, r, colour in SPHERES:
-        oc = o - torch.tensor(centre)
-        b, disc = (oc * d).sum(-1), (oc * d).sum(-1) ** 2 - (oc * oc).sum(-1) + r * r  # |o + t d - c|^2 = r^2
-        t = -b - disc.clamp(min=0).sqrt()
-        hits.append((torch.where((disc > 0) & (t > 0), t, math.inf), (oc + t[..., None] * d) / r, colour, 0.6))
-    lo, hi, colour = (torch.tensor(v) for v in BOX)
-    t1, t2 = (lo - o) / d, (hi - o) / d                                 # slab method
-    t_in, axis = torch.minimum(t1, t2).max(-1)
-    t = torch.where((t_in < torch.maximum(t1, t2).min(-1).values) & (t_in > 0), t_in, math.inf)
-    hits.append((t, -F.one_hot(axis, 3) * torch.sign(d), colour, 0.0))
-    t = (FLOOR[0] - o[..., 2]) / d[..., 2]
-    p = o + t[..., None] * d
-    tile = ((p[..., 0] / 0.5).floor() + (p[..., 1] / 0.5).floor()) % 2
-    hits.append((torch.where((t > 0) & (p[..., :2].norm(dim=-1) < FLOOR[1]), t, math.inf), torch.tensor([0, 0, 1.0]),
-                 (0.5 + 0.35 * tile)[..., None].expand(o.shape), 0.0))
-    best, normal, albedo, spec = torch.full(o.shape[:-1], math.inf), 0, 0, 0.0
-    for t, n, a, s in hits:
-        near = t < best
-        best, spec = torch.where(near, t, best), torch.where(near, s, spec)
-        normal = torch.where(near[..., None], n, normal)
-        albedo = torch.where(near[..., None], torch.as_tensor(a), albedo)
-    light = torch.tensor([0.4, 0.3, 0.87]) / math.hypot(0.4, 0.3, 0.87)
-    half = (light - d) / (light - d).norm(dim=-1, keepdim=True)         # halfway between the light and the viewer
-    rgb = albedo * (0.3 + 0.7 * (normal * light).sum(-1, keepdim=True).clamp(min=0))
-    rgb = rgb + (spec * (normal * half).sum(-1).clamp(min=0) ** 40)[..., None]
+    """Unit rays (..., 3) -> RGBA (..., 4) of the nearest hit: Lambert, a Blinn-Phong highlight; alpha 0 on a miss."""
+    light = F.normalize(torch.tensor([0.4, 0.3, 0.87]), dim=0)
+    half = F.normalize(light - d, dim=-1)                               # halfway between the light and the viewer
+    best, rgb = torch.full(o.shape[:-1], math.inf), torch.zeros_like(o)
+    for centre, radii, colour, shine in ELLIPSOIDS:
+        r = torch.tensor(radii)
+        q, v = (o - torch.tensor(centre)) / r, d / r                    # scaled to the unit sphere: |q + t v| = 1
+        a, b, c = (v * v).sum(-1), (q * v).sum(-1), (q * q).sum(-1) - 1
+        t = (-b - (b * b - a * c).clamp(min=0).sqrt()) / a              # the nearer root of a t^2 + 2 b t + c = 0
+        hit = (b * b > a * c) & (t > 0) & (t < best)
+        p, n = o + t[..., None] * d, F.normalize((q + t[..., None] * v) / r, dim=-1)  # normal: grad |(p - c) / r|^2
+        albedo = torch.tensor(colour) if colour else 0.5 + 0.35 * ((2 * p[..., :2]).floor().sum(-1, keepdim=True) % 2)
+        shade = albedo * (0.3 + 0.7 * (n * light).sum(-1, keepdim=True).clamp(min=0))   # Lambert
+        shade = shade + shine * (n * half).sum(-1, keepdim=True).clamp(min=0) ** 40     # Blinn-Phong
+        best, rgb = torch.where(hit, t, best), torch.where(hit[..., None], shade, rgb)
     return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
 
 
 def make_procedural(folder, size, views=(40, 4, 8)):
-    """Write the procedural scene in the Blender format, 2x2 rays per pixel; cameras at radius 4 looking at the
-    origin, random on the upper hemisphere for train and val, on a ring at 30 degrees elevation for test."""
+    """The scene in Blender format, 2x2 rays per pixel; cameras at radius 4, random (train, val) or on a ring (test)."""
     g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n in zip(("train", "val", "test"), views):
@@ -615,17 +560,15 @@ def make_procedural(folder, size, views=(40, 4, 8)):
         for i in range(n):
             c2w = orbit_pose(azimuth[i], elevation[i], 4.0)
             o, d = get_rays(2 * size, 2 * size, size / math.tan(0.5 * angle), c2w)
-            rgba = F.avg_pool2d(ray_cast(o, d / d.norm(dim=-1, keepdim=True)).permute(2, 0, 1)[None], 2)[0]
-            rgba[:3] /= rgba[3:].clamp(min=1e-6)                        # straight alpha, as in Blender's PNGs
-            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba.permute(1, 2, 0)))
+            rgba = area_resize(ray_cast(o, F.normalize(d, dim=-1)), size, size)
+            rgba[..., :3] /= rgba[..., 3:].clamp(min=1e-6)              # straight alpha, as in Blender's PNGs
+            iio.imwrite(os.path.join(tmp, split, f"r_{i}.png"), to_uint8(rgba))
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w.tolist()})
-        meta = {"camera_angle_x": angle, "frames": frames}
-        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(meta))
+        pathlib.Path(tmp, f"transforms_{split}.json").write_text(json.dumps(dict(camera_angle_x=angle, frames=frames)))
     os.replace(tmp, folder)
 
 
-def load_scene(args):
-    """--scene -> load_blender's dict, after generating the procedural scene or downloading a synthetic one."""
+def load_scene(args):  # --scene -> load_blender's dict, the scene generated or downloaded first if need be
     name = f"procedural_{args.proc_size}" if args.scene == "procedural" else args.scene
     folder = os.path.join(args.datadir, "nerf_synthetic", name)
     if not os.path.exists(folder) and args.scene == "procedural":
@@ -637,8 +580,7 @@ def load_scene(args):
     return load_blender(folder, args.half_res, args.white_bkgd, args.testskip)
 
 
-def rays_in_box(data, aabb):
-    """Flat indices of the training pixels whose rays cross the box: the others only see the background."""
+def rays_in_box(data, aabb):  # flat indices of the training pixels whose rays cross the box (the rest: background)
     n, H, W = data["images"].shape[:3]
     keep = []
     for i in tqdm(range(n), desc="rays in box", leave=False):
@@ -648,8 +590,7 @@ def rays_in_box(data, aabb):
     return torch.cat(keep)
 
 
-def sample_batch(data, pixels, n_rays, g):
-    """n_rays rays (n, 6) and colours (n, 3) drawn with generator g among those pixels, on the CPU."""
+def sample_batch(data, pixels, n_rays, g):  # rays (n_rays, 6), colours (n_rays, 3) from those pixels by g, on the CPU
     H, W = data["images"].shape[1:3]
     k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
     img, ys, xs = k // (H * W), k // W % H, k % W
@@ -661,15 +602,12 @@ def sample_batch(data, pixels, n_rays, g):
 # Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
 # in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
 # get_parser, preset_defaults and check_args are each script's own.
-def fail(what, where, fix):
-    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+def fail(what, where, fix):                                             # a user error: one line, exit status 1
     raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
-
-    def error(self, message):
+class Parser(argparse.ArgumentParser):                                  # argparse, with one-line errors
+    def error(self, message):                                           # unknown flags: ALIASES, or the closest
         hints = []
         for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
             close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
@@ -687,8 +625,7 @@ def positive(kind, zero=False):                                         # an arg
     return check
 
 
-def parse_args(argv=None):
-    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+def parse_args(argv=None):                                              # a preset sets defaults: given flags win
     parser = get_parser()
     parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
     args = check_args(parser.parse_args(argv))
@@ -697,8 +634,7 @@ def parse_args(argv=None):
     return args
 
 
-def pick_devices(args):
-    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+def pick_devices(args):                                                 # -> device, DataParallel ids (--gpus)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
@@ -707,22 +643,21 @@ def pick_devices(args):
     if name == "cpu":
         return torch.device("cpu"), []
     n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
-    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+    if not all(i.isdigit() and int(i) < n for i in gpus):            # one GPU unless --gpus lists more
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
-    torch.cuda.set_device(int(gpus[0]))
+    torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+def freeze(model, patterns):                                            # --freeze: no gradient to matching names
     names = [n for n, _ in model.named_parameters()]
     if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
         fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train == 0 or patterns:
+    if patterns:
         print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
@@ -746,20 +681,18 @@ def to_uint8(x):                                                        # [0, 1]
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def make_expdir(args):
-    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+def make_expdir(args):                                                  # <basedir>/<expname>/, made if need be
     expdir = os.path.join(args.basedir, args.expname)
     try:
         os.makedirs(expdir, exist_ok=True)
+        if not os.access(expdir, os.W_OK):
+            raise OSError(0, "not writable")
     except OSError as e:
-        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
-    if not os.access(expdir, os.W_OK):
-        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+        fail(f"cannot write to the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
     return expdir
 
 
-def download(url, path, md5=None):
-    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
     tmp, digest = path + ".part", hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
@@ -779,8 +712,7 @@ def fingerprint(name, *tensors):                                        # what a
     return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
 
 
-def save_checkpoint(path, model, optimizers, step, state, args, data):
-    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+def save_checkpoint(path, model, optimizers, step, state, args, data):  # one layout in the four scripts
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     atomic(path, lambda p: torch.save({
         "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
@@ -788,8 +720,7 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):
         "data": data}, p))
 
 
-def load_checkpoint(path, device):
-    """A checkpoint this script wrote, as a dict, or a one-line error."""
+def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
@@ -802,15 +733,14 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
-    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
+    # Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    # kinds): weights, optimizer and RNG states, the counters (into state). -> the step to go on from.
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
     ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
-    for key, value in model.config.items():
-        if ckpt["model_args"].get(key) != value:
-            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
+        fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
     for key, opt in optimizers.items():
@@ -821,15 +751,14 @@ def resume(args, expdir, model, optimizers, state, data, device):
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update(ckpt["state"])
+    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 
 class Run:
-    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
-    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
-
+    # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
@@ -858,13 +787,13 @@ class Run:
     def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items() if self.board else ():
-            if key != "step" and isinstance(value, (int, float)):
-                self.board.add_scalar(key, value, record["step"])
-        if self.board and image is not None:
-            image = iio.imread(image) if isinstance(image, str) else image
-            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
         if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            if image is not None:
+                image = iio.imread(image) if isinstance(image, str) else image
+                self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
             self.board.flush()
 
     def __enter__(self):
@@ -918,8 +847,8 @@ def main(argv=None):
     masks, pixels, ckpt_path = args.update_AlphaMask_list, rays_in_box(data, raw.aabb), os.path.join(expdir, "ckpt.pt")
     start = time.time() - state["seconds"]
     with Run(args, expdir, step, args.N_iters, state["seconds"], "--N_iters") as run:
-        progress = lambda: max(step / args.N_iters, state["seconds"] / run.budget)  # noqa: E731  the schedule, 0 ... 1
         while step < args.N_iters and not run.over(state["seconds"]):
+            progress = max(step / args.N_iters, state["seconds"] / run.budget)  # the schedule, 0 ... 1
             if step in masks or step in voxels:                         # the grids change shape: a new optimizer
                 if step in masks:                                       # the reference shrinks only at the first;
                     kept = raw.update_alpha_mask()                      # masked voxels never get a gradient again,
@@ -927,10 +856,10 @@ def main(argv=None):
                     pixels = rays_in_box(data, raw.aabb)
                     tqdm.write(f"[{step}] alpha mask keeps {kept:.1%} of the voxels, box {raw.aabb.tolist()}")
                 if step in voxels:
-                    state["lr_reset"] = progress() if args.lr_upsample_reset else 0.0
+                    state["lr_reset"] = progress if args.lr_upsample_reset else 0.0
                     tqdm.write(f"[{step}] grid upsampled to {'x'.join(map(str, raw.upsample(voxels[step])))}")
                 opt = make_optimizer(raw, args)
-            decay = args.lr_decay_target_ratio ** (progress() - state["lr_reset"])  # 1 -> target ratio over training
+            decay = args.lr_decay_target_ratio ** (progress - state["lr_reset"])  # 1 -> target ratio over training
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)
             rays, target = sample_batch(data, pixels, args.batch_size, g)

@@ -1,26 +1,22 @@
-"""tiny_vae.py: a variational autoencoder in one file.
+"""tiny_vae.py: a variational autoencoder in one file (Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014).
 
-Kingma & Welling, "Auto-Encoding Variational Bayes", ICLR 2014 (arXiv:1312.6114). The encoder maps an image x to
-q(z|x) = N(mu, diag(sigma^2)); z = mu + sigma * eps with eps ~ N(0, I) (the reparameterisation trick, sec. 2.4); the
-decoder maps z to p(x|z). Training maximises the evidence lower bound, reported as its negative in nats per image,
-    -ELBO(x) = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I)),
+The encoder maps an image x to q(z|x) = N(mu, diag(sigma^2)); z = mu + sigma * eps with eps ~ N(0, I) (the
+reparameterisation trick, sec. 2.4 of arXiv:1312.6114); the decoder maps z to p(x|z). Training minimises
+    -ELBO(x) = E_q[-log p(x|z)] + KL(q(z|x) || N(0, I))   (the negative evidence lower bound, nats per image),
 and at the end an importance-weighted estimate of -log p(x) (Burda et al. 2016) tightens it.
 
     python tiny_vae.py                                        # MNIST, downloaded to data/mnist/
-    python tiny_vae.py --datadir ../shared/data/mnist_small   # an offline copy of real digits
     python tiny_vae.py --dataset shapes                       # procedural images, no network
     python tiny_vae.py --dataset folder --datadir my_images --image_size 32 --likelihood gaussian
     python tiny_vae.py --arch mlp                             # the classic 784-400-20 VAE
     python tiny_vae.py --sample_only 64                       # prior samples from the best checkpoint
 Sections: arguments, model, loss, training, evaluation & outputs, data, harness (the same in the four scripts), main.
-Outputs in logs/<expname>/: args.json, ckpt.pt, best.pt, metrics.jsonl, final.json, PNG grids.
-"""
+Outputs in logs/<expname>/: args.json, ckpt.pt, best.pt, metrics.jsonl, final.json, PNG grids."""
 import argparse
 import difflib
 import fnmatch
 import gzip
 import hashlib
-import http.client
 import importlib.util
 import json
 import math
@@ -28,7 +24,6 @@ import os
 import pathlib
 import re
 import signal
-import struct
 import sys
 import threading
 import time
@@ -60,7 +55,7 @@ def get_parser():
     g.add_argument("--datadir", default="data", help="data root holding mnist/ or fashion/; for folder, the images")
     g.add_argument("--data_url", default=None, help="base URL of the idx .gz files (default: the official mirrors)")
     g.add_argument("--image_size", type=pint, default=28, help="folder images are resized to this")
-    g.add_argument("--val_frac", type=float, default=0.1, help="share of the training images that choose best.pt")
+    g.add_argument("--val_frac", type=positive(float), default=0.1, help="share of training images that choose best.pt")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="conv", choices=sorted(ARCH_DEFAULTS), help="conv, or the classic MLP")
     g.add_argument("--latent_dim", type=pint, default=16, help="size of z (mlp: 20)")
@@ -96,8 +91,6 @@ def preset_defaults(args):                                              # the de
 
 
 def check_args(args):
-    if not 0 < args.val_frac < 1:
-        fail(f"must be between 0 and 1, got {args.val_frac}", "--val_frac", "e.g. --val_frac 0.1")
     if args.image_size < 4:
         fail(f"must be at least 4, got {args.image_size}", "--image_size", "e.g. --image_size 32")
     args.expname = args.expname or f"vae_{args.dataset}_{args.arch}"
@@ -106,18 +99,17 @@ def check_args(args):
 
 # ---------------------------------------------------------------- model
 class VAE(nn.Module):
-    """q(z|x) = N(mu, diag(exp(logvar))) from the encoder; p(x|z) from the decoder: logits of independent Bernoulli
-    pixels, or means of Gaussian pixels with one learned scale. forward() returns this replica's loss terms."""
+    """Encoder: x -> q(z|x) = N(mu, diag(exp(logvar))); decoder: z -> p(x|z), Bernoulli logits or Gaussian means."""
+    # Gaussian: one learned scale for all pixels. forward() returns this replica's loss terms (for DataParallel).
 
     def __init__(self, arch, shape, latent_dim, hidden, likelihood):
         super().__init__()
         self.config = dict(arch=arch, shape=list(shape), latent_dim=latent_dim, hidden=hidden, likelihood=likelihood)
         self.latent_dim, self.likelihood = latent_dim, likelihood
-        c, size = shape[0], shape[1]
+        c, size, n_out = shape[0], shape[1], 2 * latent_dim             # the encoder outputs mu and logvar
         if arch == "mlp":  # the PyTorch example: 784-400-(20 mu, 20 logvar); 20-400-784
             d = c * size * size
-            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(),
-                                         nn.Linear(hidden, 2 * latent_dim))
+            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
             self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, d),
                                          nn.Unflatten(1, tuple(shape)))
         else:  # stride-2 4x4 convs halve the size down to <= 8 (28 -> 14 -> 7); the decoder mirrors them
@@ -128,8 +120,7 @@ class VAE(nn.Module):
             flat, fc = chans[-1] * size * size, 8 * hidden
             down = [m for a, b in zip(chans, chans[1:]) for m in (nn.Conv2d(a, b, 4, 2, 1), nn.ELU())]
             up = [m for a, b in zip(chans[:0:-1], chans[-2::-1]) for m in (nn.ConvTranspose2d(a, b, 4, 2, 1), nn.ELU())]
-            self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, fc), nn.ELU(),
-                                         nn.Linear(fc, 2 * latent_dim))
+            self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, fc), nn.ELU(), nn.Linear(fc, n_out))
             self.decoder = nn.Sequential(nn.Linear(latent_dim, fc), nn.ELU(), nn.Linear(fc, flat), nn.ELU(),
                                          nn.Unflatten(1, (chans[-1], size, size)), *up[:-1])  # no ELU on the output
         if likelihood == "gaussian":
@@ -157,8 +148,8 @@ class VAE(nn.Module):
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0, 1)
 
     def forward(self, x, eps, amp=False):
-        """x (B, C, H, W) in [0, 1]; eps (B, latent_dim) ~ N(0, I), drawn by the caller so that the result does not
-        depend on how the batch is split; amp: bfloat16 networks. -> (1, 2): summed -log p(x|z) and KL."""
+        """x (B, C, H, W) in [0, 1], eps (B, latent_dim) ~ N(0, I) -> (1, 2): summed -log p(x|z) and KL."""
+        # eps is drawn by the caller, so that the result does not depend on how the batch is split; amp: bfloat16 nets
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):  # here: in each replica's thread
             mu, logvar = self.encode(x)
             z = mu + (0.5 * logvar).exp() * eps                         # z = mu + sigma * eps   (K&W eq. 10)
@@ -174,12 +165,10 @@ def kl_per_dim(mu, logvar):
 
 
 def log_importance_weights(model, x, eps):
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps_k. x (B, C, H, W), eps (K, B, D)
-    -> (K, B)."""
+    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x): x (B, C, H, W), eps (K, B, D) -> (K, B)."""
     mu, logvar = model.encode(x)
-    z = mu + (0.5 * logvar).exp() * eps                                 # (K, B, D)
-    k, b = eps.shape[:2]
-    rec = model.nll(x.expand(k, *x.shape).flatten(0, 1), model.decode(z.flatten(0, 1))).view(k, b)
+    z = mu + (0.5 * logvar).exp() * eps                                 # z_k = mu + sigma * eps_k: (K, B, D)
+    rec = model.nll(x.expand(len(eps), *x.shape).flatten(0, 1), model.decode(z.flatten(0, 1))).view(eps.shape[:2])
     log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)                        # log N(z; 0, I)
     log_qz = -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)             # log N(z; mu, sigma^2)
     return -rec + log_pz - log_qz
@@ -203,8 +192,7 @@ def train_step(model, opt, x, beta, amp=False):
 # ---------------------------------------------------------------- evaluation & outputs
 @torch.no_grad()
 def evaluate(model, images, device, batch_size=500):
-    """-ELBO = E_q[-log p(x|z)] + KL in nats per image, one z per image from a fixed eps so that epochs compare.
-    -> (-ELBO, -log p(x|z), KL)."""
+    """-> (-ELBO, E_q[-log p(x|z)], KL) in nats per image, one z per image from a fixed eps so that epochs compare."""
     g, total = torch.Generator().manual_seed(0), torch.zeros(2)
     for i in range(0, len(images), batch_size):
         x = to_float(images[i:i + batch_size]).to(device)
@@ -215,27 +203,23 @@ def evaluate(model, images, device, batch_size=500):
 
 @torch.no_grad()
 def latent_stats(model, images, device, batch_size=500):
-    """KL per latent dimension averaged over images, and the active units: dimensions whose posterior mean varies
-    over the data, Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2)."""
-    mus, kls = [], []
-    for i in range(0, len(images), batch_size):
-        mu, logvar = model.encode(to_float(images[i:i + batch_size]).to(device))
-        mus.append(mu.cpu())
-        kls.append(kl_per_dim(mu, logvar).cpu())
-    return torch.cat(kls).mean(0).tolist(), int((torch.cat(mus).var(0) > 0.01).sum())
+    """Mean KL per latent dimension, and the active units: Var_x(E_q[z_u]) > 0.01 (Burda et al. 2016, sec. 5.2)."""
+    codes = [model.encode(to_float(x).to(device)) for x in images.split(batch_size)]  # (mu, logvar) per batch
+    mu, logvar = (torch.cat(t) for t in zip(*codes))                    # (N, D) each
+    return kl_per_dim(mu, logvar).cpu().mean(0).tolist(), int((mu.cpu().var(0) > 0.01).sum())
 
 
 @torch.no_grad()
 def iw_nll(model, images, k, device):
-    """-log p(x) ~ -log (1/K) sum_k w_k   (Burda et al. 2016, eq. 8), nats per image: an upper bound on the true NLL
-    that tightens as K grows; K = 1 is a one-sample -ELBO. The time it will take is said after the first batch."""
+    """-log p(x) ~ -log (1/K) sum_k w_k   (Burda et al. 2016, eq. 8), nats per image; K = 1: a one-sample -ELBO."""
+    # an upper bound on the true NLL that tightens as K grows
     g, total, tic = torch.Generator().manual_seed(0), 0.0, time.time()
     per_step = max(1, 4096 // k)                                        # images per decoder call of <= 4096 z
     for i in range(0, len(images), per_step):
         x = to_float(images[i:i + per_step]).to(device)
         log_w = log_importance_weights(model, x, torch.randn(k, len(x), model.latent_dim, generator=g).to(device))
         total += -(torch.logsumexp(log_w, 0) - math.log(k)).sum().item()  # log_w: (K, B)
-        if i == 0:
+        if i == 0:                                                      # after the first batch: the time it will take
             print(f"IW-NLL, K={k}, of {len(images)} images: about {(time.time() - tic) * len(images) / len(x):.0f} s")
     return total / len(images)
 
@@ -247,28 +231,23 @@ def prior_samples(model, n, seed, device):                              # means 
 
 
 @torch.no_grad()
-def write_pictures(model, test, expdir, step, device):
-    """samples_<step>.png (64 prior samples, fixed z), recon_<step>.png (up to 4 rows of 8 test images, each above its
-    reconstruction from z = mu), interp_<step>.png (up to 8 rows: z goes from the code of test image 2i to 2i+1)."""
-    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(prior_samples(model, 64, 0, device), 8))
-    cols = min(8, len(test))
-    rows = min(4, len(test) // cols)
+def write_pictures(model, test, expdir, step, device):                  # samples_, recon_, interp_<step>.png
+    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(prior_samples(model, 64, 0, device), 8))  # fixed z
+    cols = min(8, len(test))                                            # recon: up to 4 rows of 8 test images,
+    rows = min(4, len(test) // cols)                                    # each above its reconstruction from z = mu
     x = to_float(test[:rows * cols]).to(device)
     recon = model.mean_image(model.decode(model.encode(x)[0]))
     pairs = torch.stack([x.view(rows, cols, *x.shape[1:]), recon.view(rows, cols, *x.shape[1:])], 1)  # in/out
     save_png(os.path.join(expdir, f"recon_{step}.png"), grid(pairs.flatten(0, 2), cols))
-    mu = model.encode(to_float(test[:16]).to(device))[0]
-    a, b = (mu[0::2], mu[1::2]) if len(mu) > 1 else (mu, mu)
+    mu = model.encode(to_float(test[:16]).to(device))[0]                # interp: up to 8 rows, z going from the code
+    a, b = (mu[0::2], mu[1::2]) if len(mu) > 1 else (mu, mu)            # of test image 2i to that of image 2i + 1
     t = torch.linspace(0, 1, 10, device=device)[None, :, None]
     z = (1 - t) * a[:len(b), None] + t * b[:, None]                     # (pairs, 10, D)
     save_png(os.path.join(expdir, f"interp_{step}.png"), grid(model.mean_image(model.decode(z.flatten(0, 1))), 10))
 
 
-def sample_only(args, device, expdir):
-    """--sample_only N: the means of p(x|z) (not Bernoulli draws) for N draws z ~ N(0, I), from --ckpt, else best.pt,
-    else ckpt.pt, as samples.png and samples.npy."""
-    path = args.ckpt or next((p for p in (f"{expdir}/best.pt", f"{expdir}/ckpt.pt") if os.path.exists(p)),
-                             f"{expdir}/best.pt")
+def sample_only(args, device, expdir):  # --sample_only N: the means of p(x|z) for N draws z ~ N(0, I), not draws of x
+    path = args.ckpt or os.path.join(expdir, "best.pt" if os.path.exists(f"{expdir}/best.pt") else "ckpt.pt")
     ckpt = load_checkpoint(path, device)
     model = VAE(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
@@ -278,18 +257,16 @@ def sample_only(args, device, expdir):
 
 
 # ---------------------------------------------------------------- data
-def load_dataset(args):
-    """-> (train, val, test) uint8 image tensors (N, C, H, W). Validation is carved from the training images by a
-    fixed permutation; folder and shapes give a fixed 10% to test."""
+def load_dataset(args):                                                 # -> (train, val, test) uint8 (N, C, H, W)
     if args.dataset in ("mnist", "fashion"):
         train, test = load_idx_images(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
-    else:
+    else:                                                               # folder, shapes: a fixed 10% to test
         images = make_shapes(10000, 28) if args.dataset == "shapes" else load_folder(args.datadir, args.image_size)
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
         train, test = images[max(1, len(images) // 10):], images[:max(1, len(images) // 10)]
-    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]
+    train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))]  # val: a fixed share
     n_val = max(1, round(len(train) * args.val_frac))
-    if n_val >= len(train):
+    if n_val >= len(train):                                             # e.g. --val_frac 1 or more
         fail(f"holds out all {len(train)} training images", "--val_frac", "lower it or add images")
     return train[n_val:], train[:n_val], test
 
@@ -308,36 +285,29 @@ IDX_MD5 = {"mnist": dict(zip(IDX_FILES, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d5
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def fetch(folder, files, url):
-    """Download whichever of files ({name: published md5}) folder lacks from url/<name>."""
-    for name, md5 in files.items():
+def fetch(folder, files, url):  # download from url/<name> each of files ({name: md5}) that folder lacks
+    for name in [name for name in files if not os.path.exists(os.path.join(folder, name))]:
         try:
-            if not os.path.exists(os.path.join(folder, name)):
-                os.makedirs(folder, exist_ok=True)
-                download(url.rstrip("/") + "/" + name, os.path.join(folder, name), md5)
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            fail(f"cannot download {url.rstrip('/')}/{name} ({e})", os.path.join(folder, name), f"no network? put "
-                 f"{', '.join(files)} in {folder} by hand, point --datadir at a data root that has them, or train "
-                 "on generated images: --dataset shapes")
+            os.makedirs(folder, exist_ok=True)
+            download(url.rstrip("/") + "/" + name, os.path.join(folder, name), files[name])
+        except Exception as e:  # OSError, HTTP errors, a wrong md5
+            fail(f"cannot download ({e})", f"{url.rstrip('/')}/{name}", f"no network? put {', '.join(files)} in "
+                 f"{folder} by hand, point --datadir at a data root that has them, or use --dataset shapes (generated)")
 
 
-def read_idx(path):
-    """An idx file (gzipped or not) -> numpy array: bytes 0-1 zero, byte 2 the dtype code, byte 3 the number of
-    dimensions, a big-endian uint32 per dimension, then the values."""
+def read_idx(path):  # an idx file, gzipped or not -> numpy: 0, 0, dtype code, ndim, big-endian uint32 dims, values
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
         if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
             raise ValueError("bad magic number")
-        head = 4 + 4 * data[3]
-        dims = struct.unpack(f">{data[3]}I", data[4:head])
-        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
+        dims = np.frombuffer(data, ">u4", count=data[3], offset=4)
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * len(dims)).reshape(dims)
+    except (OSError, EOFError, ValueError) as e:                        # not gzip, cut short, or a foreign file
         fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
 
 
-def load_idx_images(dataset, folder, base_url=None):
-    """-> (train, test) uint8 images (N, 1, 28, 28) of MNIST or Fashion-MNIST, downloaded if missing."""
+def load_idx_images(dataset, folder, base_url=None):  # -> (train, test) uint8 (N, 1, 28, 28), downloaded if missing
     fetch(folder, IDX_MD5[dataset], base_url or IDX_URLS[dataset])
     out = []
     for split in ("train", "t10k"):
@@ -349,10 +319,8 @@ def load_idx_images(dataset, folder, base_url=None):
     return out
 
 
-def make_shapes(n, size, seed=0):
-    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
-    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
-    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
+def make_shapes(n, size, seed=0):  # -> uint8 (n, 1, size, size): one white disc, ring, square or diamond per image
+    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []      # drawn at 4x the size, then box-filtered
     u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
     yy, xx = torch.meshgrid(u, u, indexing="ij")
     for start in range(0, n, 500):
@@ -370,9 +338,7 @@ def make_shapes(n, size, seed=0):
     return torch.cat(out)
 
 
-def load_folder(root, size):
-    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
-    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
+def load_folder(root, size):  # every PNG/JPG/BMP under root -> uint8 (N, C, size, size): centre squares, resized
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
     if len(files) < 3:
@@ -389,25 +355,21 @@ def load_folder(root, size):
         x = x[(h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k].permute(2, 0, 1)  # the centre square
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-    c = max(im.shape[0] for im in images)
-    return torch.stack([im.expand(c, -1, -1) for im in images])
+    c = max(im.shape[0] for im in images)                               # 3 if any file is RGB(A), else 1
+    return torch.stack([im.expand(c, -1, -1) for im in images])         # grey ones repeated
 
 
-def grid(images, nrow):
-    """images (N, C, H, W) in [0, 1] -> one picture, uint8 (H', W') or (H', W', C): nrow per row, 2-pixel grey gaps."""
+def grid(images, nrow):  # images (N, C, H, W) in [0, 1] -> uint8 (H', W'[, C]): nrow a row, 2-pixel grey gaps
     n, c, h, w = images.shape
     canvas = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
     for i, im in enumerate(images.cpu()):
         r, q = divmod(i, nrow)
         canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
-    pixels = to_uint8(canvas.permute(1, 2, 0))
-    return pixels[..., 0] if c == 1 else pixels
+    return to_uint8(canvas.permute(1, 2, 0).squeeze(-1))               # (H', W') for grey images
 
 
-def write_samples(expdir, images):
-    """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
-    pixels = to_uint8(images.permute(0, 2, 3, 1))
-    pixels = pixels[..., 0] if images.shape[1] == 1 else pixels
+def write_samples(expdir, images):  # --sample_only: images (N, C, H, W) in [0, 1] -> samples.npy (uint8), samples.png
+    pixels = to_uint8(images.permute(0, 2, 3, 1).squeeze(-1))           # (N, H, W) for grey images, else (N, H, W, C)
     atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels))
     save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
 
@@ -416,15 +378,12 @@ def write_samples(expdir, images):
 # Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
 # in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
 # get_parser, preset_defaults and check_args are each script's own.
-def fail(what, where, fix):
-    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+def fail(what, where, fix):                                             # a user error: one line, exit status 1
     raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
-
-    def error(self, message):
+class Parser(argparse.ArgumentParser):                                  # argparse, with one-line errors
+    def error(self, message):                                           # unknown flags: ALIASES, or the closest
         hints = []
         for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
             close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
@@ -442,8 +401,7 @@ def positive(kind, zero=False):                                         # an arg
     return check
 
 
-def parse_args(argv=None):
-    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+def parse_args(argv=None):                                              # a preset sets defaults: given flags win
     parser = get_parser()
     parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
     args = check_args(parser.parse_args(argv))
@@ -452,8 +410,7 @@ def parse_args(argv=None):
     return args
 
 
-def pick_devices(args):
-    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+def pick_devices(args):                                                 # -> device, DataParallel ids (--gpus)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
@@ -462,22 +419,21 @@ def pick_devices(args):
     if name == "cpu":
         return torch.device("cpu"), []
     n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
-    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+    if not all(i.isdigit() and int(i) < n for i in gpus):            # one GPU unless --gpus lists more
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
-    torch.cuda.set_device(int(gpus[0]))
+    torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+def freeze(model, patterns):                                            # --freeze: no gradient to matching names
     names = [n for n, _ in model.named_parameters()]
     if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
         fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train == 0 or patterns:
+    if patterns:
         print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
@@ -501,20 +457,18 @@ def to_uint8(x):                                                        # [0, 1]
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def make_expdir(args):
-    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+def make_expdir(args):                                                  # <basedir>/<expname>/, made if need be
     expdir = os.path.join(args.basedir, args.expname)
     try:
         os.makedirs(expdir, exist_ok=True)
+        if not os.access(expdir, os.W_OK):
+            raise OSError(0, "not writable")
     except OSError as e:
-        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
-    if not os.access(expdir, os.W_OK):
-        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+        fail(f"cannot write to the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
     return expdir
 
 
-def download(url, path, md5=None):
-    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
     tmp, digest = path + ".part", hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
@@ -534,8 +488,7 @@ def fingerprint(name, *tensors):                                        # what a
     return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
 
 
-def save_checkpoint(path, model, optimizers, step, state, args, data):
-    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+def save_checkpoint(path, model, optimizers, step, state, args, data):  # one layout in the four scripts
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     atomic(path, lambda p: torch.save({
         "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
@@ -543,8 +496,7 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):
         "data": data}, p))
 
 
-def load_checkpoint(path, device):
-    """A checkpoint this script wrote, as a dict, or a one-line error."""
+def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
@@ -557,15 +509,14 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
-    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
+    # Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    # kinds): weights, optimizer and RNG states, the counters (into state). -> the step to go on from.
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
     ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
-    for key, value in model.config.items():
-        if ckpt["model_args"].get(key) != value:
-            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
+        fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
     for key, opt in optimizers.items():
@@ -576,15 +527,14 @@ def resume(args, expdir, model, optimizers, state, data, device):
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update(ckpt["state"])
+    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 
 class Run:
-    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
-    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
-
+    # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
@@ -613,13 +563,13 @@ class Run:
     def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items() if self.board else ():
-            if key != "step" and isinstance(value, (int, float)):
-                self.board.add_scalar(key, value, record["step"])
-        if self.board and image is not None:
-            image = iio.imread(image) if isinstance(image, str) else image
-            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
         if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            if image is not None:
+                image = iio.imread(image) if isinstance(image, str) else image
+                self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
             self.board.flush()
 
     def __enter__(self):
@@ -671,8 +621,7 @@ def main(argv=None):
             epoch, i = divmod(step, per_epoch)
             if i == 0 or order is None:                                 # an epoch's order depends on (seed, epoch)
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-            for group in opt.param_groups:
-                group["lr"] = args.lr * args.lr_decay ** epoch           # exponential decay per epoch
+            opt.param_groups[0]["lr"] = args.lr * args.lr_decay ** epoch  # exponential decay per epoch (one group)
             tic, x = time.time(), to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
             rec, kl = (train_step(model, opt, x, args.beta, args.amp).cpu() * len(x)).tolist()
             state["sums"] = [a + b for a, b in zip(state["sums"], [rec, kl, len(x), time.time() - tic])]
@@ -706,9 +655,8 @@ def main(argv=None):
              "active_units": active, "kl_per_dim": kl_dims, "train_seconds": round(state["seconds"], 2)}
     write_pictures(raw, test, expdir, step, device)
     write_text(os.path.join(expdir, "final.json"), json.dumps(final, indent=1))
-    print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in final['kl_per_dim'])}; active units "
-          f"{final['active_units']}/{raw.latent_dim}")
-    print(f"test -ELBO {final['test_nelbo']:.1f} nats | IW-NLL (K={args.iw_samples}) {final['iw_nll']:.1f} nats")
+    print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in kl_dims)}; active units {active}/{raw.latent_dim}")
+    print(f"test -ELBO {test_nelbo:.1f} nats | IW-NLL (K={args.iw_samples}) {final['iw_nll']:.1f} nats")
     return final
 
 

@@ -1,31 +1,25 @@
-"""tiny_wgan.py: a Wasserstein GAN in one file.
+"""tiny_wgan.py: a Wasserstein GAN in one file (Arjovsky, Chintala & Bottou, "Wasserstein GAN", ICML 2017).
 
-Arjovsky, Chintala & Bottou, "Wasserstein GAN", ICML 2017 (arXiv:1701.07875): a critic f, kept K-Lipschitz by
-clipping every weight to [-c, c], is trained to maximise
-    W ~ E_x~data[f(x)] - E_z~N(0,I)[f(G(z))]
-(the Kantorovich-Rubinstein dual of the Wasserstein-1 distance, eq. 3), and the generator G to minimise -E_z[f(G(z))];
-algorithm 1 takes n_critic critic steps per generator step with RMSprop. With --gp LAMBDA the clipping gives way to
-the gradient penalty of Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017, algorithm 1:
-    L_critic = E[f(G(z))] - E[f(x)] + LAMBDA * E[(||grad_x^ f(x^)||_2 - 1)^2],  x^ = a x + (1 - a) G(z), a ~ U[0, 1],
-trained with Adam.
+A critic f, kept K-Lipschitz by clipping every weight to [-c, c], maximises W ~ E_x~data[f(x)] - E_z~N(0,I)[f(G(z))]
+(the Kantorovich-Rubinstein dual of the Wasserstein-1 distance, eq. 3 of arXiv:1701.07875); the generator G minimises
+-E_z[f(G(z))], after n_critic critic steps with RMSprop (algorithm 1). --gp LAMBDA trades the clipping for the gradient
+penalty of Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017 (algorithm 1, with Adam):
+    L_critic = E[f(G(z))] - E[f(x)] + LAMBDA * E[(||grad_x^ f(x^)||_2 - 1)^2],  x^ = a x + (1 - a) G(z), a ~ U[0, 1].
 
     python tiny_wgan.py --gp 10                                   # WGAN-GP on MNIST (downloaded)
     python tiny_wgan.py                                           # weight clipping, as in the paper
-    python tiny_wgan.py --gp 10 --datadir ../shared/data/mnist_small   # an offline copy of real digits
     python tiny_wgan.py --dataset shapes                          # procedural images, no network
     python tiny_wgan.py --dataset cifar10 --gp 10                 # CIFAR-10, official binary archive
     python tiny_wgan.py --dataset folder --datadir my_images --image_size 64
     python tiny_wgan.py --preset paper                            # the paper's widths, lr and n_critic
     python tiny_wgan.py --gp 10 --sample_only 64                  # samples from the checkpoint
 Sections: arguments, model, loss, training, evaluation & outputs, data, harness (shared by the four scripts), main.
-Outputs go to logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, samples_<step>.png, final.json.
-"""
+Outputs go to logs/<expname>/: args.json, ckpt.pt, metrics.jsonl, samples_<step>.png, final.json."""
 import argparse
 import difflib
 import fnmatch
 import gzip
 import hashlib
-import http.client
 import importlib.util
 import json
 import math
@@ -33,7 +27,6 @@ import os
 import pathlib
 import re
 import signal
-import struct
 import sys
 import tarfile
 import threading
@@ -76,11 +69,9 @@ def get_parser():
     g.add_argument("--nz", type=pint, default=64, help="size of the noise z")
     g.add_argument("--ngf", type=pint, default=32, help="generator channels before the output layer")
     g.add_argument("--ndf", type=pint, default=32, help="critic channels after the first layer")
-    g.add_argument("--critic_norm", choices=["batch", "layer", "none"], default=None,
-                   help="normalisation in the critic (default: batch with clipping, layer with --gp)")
+    g.add_argument("--critic_norm", choices=["batch", "layer", "none"], help="default: batch, or layer with --gp")
     g = p.add_argument_group("training")
-    g.add_argument("--gp", type=positive(float), default=None, metavar="LAMBDA",
-                   help="WGAN-GP with this penalty weight (10 in the paper) instead of weight clipping")
+    g.add_argument("--gp", type=positive(float), metavar="LAMBDA", help="WGAN-GP with this penalty weight (paper: 10)")
     g.add_argument("--clip_value", type=positive(float), default=0.01, help="c: critic weights are clipped to [-c, c]")
     g.add_argument("--n_critic", type=pint, default=2, help="critic steps per generator step (papers: 5)")
     g.add_argument("--paper_schedule", action="store_true",
@@ -134,18 +125,16 @@ def up_block(a, b, first=False):
 def down_block(a, b, norm):
     """Strided conv halving the size, normalisation, LeakyReLU(0.2) (DCGAN's critic block)."""
     layers = [nn.Conv2d(a, b, 4, 2, 1, bias=norm == "none")]
-    if norm == "batch":
-        layers.append(nn.BatchNorm2d(b, track_running_stats=False))
-    elif norm == "layer":  # per sample over (C, H, W): the critic stays a function of each image alone
-        layers.append(nn.GroupNorm(1, b))
+    if norm != "none":  # layer: per sample over (C, H, W), so the critic stays a function of each image alone
+        layers.append(nn.BatchNorm2d(b, track_running_stats=False) if norm == "batch" else nn.GroupNorm(1, b))
     return layers + [nn.LeakyReLU(0.2, True)]
 
 
 class WGAN(nn.Module):
-    """DCGAN generator G: z (B, nz) -> image (B, C, S, S) in [-1, 1] by transposed convs 1 -> 4 -> 8 ...
-    -> S; critic f: image -> one unbounded score by strided convs S -> ... -> 4 -> 1 (no sigmoid).
-    Batch norm keeps no running averages: the nets always use the batch's statistics, as in training.
-    forward() returns this replica's loss terms, so DataParallel sends a few numbers to GPU 0."""
+    """DCGAN generator G: z (B, nz) -> image (B, C, S, S) in [-1, 1]; critic f: image -> one unbounded score (B,)."""
+    # G: transposed convs 1 -> 4 -> 8 ... -> S; f: strided convs S -> ... -> 4 -> 1, no sigmoid. Batch norm keeps no
+    # running averages: the nets always use the batch's statistics, as in training. forward() returns this replica's
+    # loss terms, so DataParallel sends a few numbers to GPU 0.
 
     def __init__(self, channels, image_size, nz, ngf, ndf, critic_norm):
         super().__init__()
@@ -161,25 +150,23 @@ class WGAN(nn.Module):
         self.critic = nn.Sequential(*d, nn.Conv2d(widths[-1], 1, 4, 1, 0), nn.Flatten(0))
 
     def forward(self, z=None, real=None, fake=None, alpha=None, lam=None):
-        """Generator terms from z (B, nz): (1, 1) sum of f(G(z)). Critic terms from real and fake images
-        (B, C, S, S): (1, 2) sums of f(real), f(fake), and with lam (1, 4) also the sums of the penalty
-        and of the gradient norm at x^, built from alpha (B, 1, 1, 1) inside the replica, so the double
-        backward never crosses DataParallel's scatter."""
+        """Generator terms from z (B, nz): (1, 1) sum of f(G(z)). Critic terms from real and fake (B, C, S, S): (1, 2)
+        sums of f(real), f(fake); with lam, (1, 4): also of the penalty and gradient norm at x^ (alpha (B, 1, 1, 1))."""
+        # x^ is made inside the replica, so the double backward never crosses DataParallel's scatter
         if z is not None:
             return self.critic(self.generator(z)).sum().view(1, 1)
         terms = [self.critic(real).sum(), self.critic(fake).sum()]     # separate passes, as the reference code
-        if lam is not None:
-            penalty, norm = gradient_penalty(self.critic, real, fake, alpha, lam)
-            terms += [penalty.sum(), norm.sum()]
+        if lam is not None:                                             # penalty (B,), gradient norm (B,)
+            terms += [t.sum() for t in gradient_penalty(self.critic, real, fake, alpha, lam)]
         return torch.stack(terms).unsqueeze(0)
 
 
 # ---------------------------------------------------------------- loss
 def gradient_penalty(critic, real, fake, alpha, lam):
-    """LAMBDA (||grad_x^ f(x^)||_2 - 1)^2 at x^ = alpha real + (1 - alpha) fake (Gulrajani et al. alg. 1),
-    with one alpha per sample (B, 1, 1, 1) and the norm over all non-batch dimensions.
-    -> penalty (B,), gradient norm (B,); create_graph so that the penalty trains the critic."""
+    """LAMBDA (||grad_x^ f(x^)||_2 - 1)^2 at x^ = alpha real + (1 - alpha) fake (Gulrajani et al. alg. 1), with one
+    alpha per sample (B, 1, 1, 1) and the norm over all non-batch dimensions. -> penalty (B,), gradient norm (B,)."""
     x_hat = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
+    # create_graph, so that the penalty trains the critic
     grad, = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)  # row b: d f(x^_b) / d x^_b
     norm = grad.flatten(1).norm(2, dim=1)                              # (B,)
     return lam * (norm - 1) ** 2, norm
@@ -194,14 +181,12 @@ def clip_weights(critic, c):
 
 # ---------------------------------------------------------------- training
 def critic_step(model, opt, real, lam=None, clip=None):
-    """One critic step on real images (B, C, S, S): minimise E[f(G(z))] - E[f(x)] (+ penalty), then
-    clip. -> tensor (W estimate, critic loss, mean gradient norm or nan), floats per image."""
+    """One critic step on real images (B, C, S, S): minimise E[f(G(z))] - E[f(x)] (+ penalty), then clip."""
     raw = model.module if isinstance(model, nn.DataParallel) else model
-    b = len(real)
     with torch.no_grad():                                              # fakes made here: the split does not matter
-        fake = raw.generator(torch.randn(b, raw.nz, device=real.device))
-    alpha = torch.rand(b, 1, 1, 1, device=real.device)                # one weight per sample, not per pixel
-    sums = model(real=real, fake=fake, alpha=alpha, lam=lam).sum(0) / b  # sum over replicas / global count
+        fake = raw.generator(torch.randn(len(real), raw.nz, device=real.device))
+    alpha = torch.rand(len(real), 1, 1, 1, device=real.device)        # one weight per sample, not per pixel
+    sums = model(real=real, fake=fake, alpha=alpha, lam=lam).sum(0) / len(real)  # sum over replicas / global count
     w = sums[0] - sums[1]                                              # E[f(x)] - E[f(G(z))]   (WGAN eq. 3)
     loss = -w + (sums[2] if lam is not None else 0)
     if not torch.isfinite(loss):
@@ -212,35 +197,28 @@ def critic_step(model, opt, real, lam=None, clip=None):
     if clip is not None:
         clip_weights(raw.critic, clip)
     norm = sums[3] if lam is not None else torch.full_like(w, math.nan)  # on the device of the loss
-    return torch.stack([w.detach(), loss.detach(), norm.detach()])
+    return torch.stack([w.detach(), loss.detach(), norm.detach()])     # -> per image: W estimate, loss, gradient norm
 
 
 def generator_step(model, opt, b, device):
-    """One generator step on b noise vectors: minimise -E[f(G(z))] with the critic held fixed.
-    -> the generator loss, a float tensor."""
+    """One generator step on b noise vectors: minimise -E[f(G(z))], the critic held fixed. -> the loss, a tensor."""
     raw = model.module if isinstance(model, nn.DataParallel) else model
-    trainable = [p for p in raw.critic.parameters() if p.requires_grad]
-    for p in trainable:                                                 # no gradients for the critic's weights
-        p.requires_grad_(False)
     loss = -model(z=torch.randn(b, raw.nz, device=device)).sum() / b   # -E[f(G(z))]   (WGAN alg. 1, line 10)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward(inputs=[p for p in raw.generator.parameters() if p.requires_grad])  # none for the critic's weights
     opt.step()
-    for p in trainable:
-        p.requires_grad_(True)
     return loss.detach()
 
 
 def n_critic_at(step, n_critic, paper_schedule):
-    """Critic steps before generator step `step`: n_critic, or with the WGAN reference code's schedule
-    100 for the first 25 generator steps and every 500th, to keep the critic near optimal."""
-    return 100 if paper_schedule and (step < 25 or step % 500 == 0) else n_critic
+    """Critic steps before generator step `step`: n_critic, or 100 for the first 25 and every 500th (WGAN code)."""
+    return 100 if paper_schedule and (step < 25 or step % 500 == 0) else n_critic  # keeps the critic near optimal
 
 
 def make_optimizer(params, args):
-    """RMSprop as in the WGAN paper (momentum made clipping unstable there, sec. 3). Under --gp, Adam with
-    the WGAN-GP paper's betas (0, 0.9) rather than DCGAN's (0.5, 0.9): no momentum lets the critic follow
-    a moving generator, and on MNIST it scored FD 18 against 40 after 2 minutes (benchmarks/results.md)."""
+    # RMSprop as in the WGAN paper (momentum made clipping unstable there, sec. 3). Under --gp, Adam with the WGAN-GP
+    # paper's betas (0, 0.9) rather than DCGAN's (0.5, 0.9): no momentum lets the critic follow a moving generator,
+    # and on MNIST it scored FD 18 against 40 after 2 minutes (benchmarks/results.md).
     if args.gp:
         return torch.optim.Adam(params, lr=args.lr, betas=(args.beta1, args.beta2))
     return torch.optim.RMSprop(params, lr=args.lr)
@@ -248,25 +226,22 @@ def make_optimizer(params, args):
 
 # ---------------------------------------------------------------- evaluation & outputs
 @torch.no_grad()
-def generate(model, z, batch_size):
-    """G(z) in batches of the training batch size (batch norm uses batch statistics). -> images in [0, 1]."""
+def generate(model, z, batch_size):  # G(z) in [0, 1], in batches of the training size (batch norm: batch statistics)
     return torch.cat([model.generator(z[i:i + batch_size]) for i in range(0, len(z), batch_size)]) * 0.5 + 0.5
 
 
 @torch.no_grad()
 def wasserstein_estimate(model, images, batch_size, device, seed=0):
-    """E[f(x)] - E[f(G(z))] over held-out images and as many fixed-seed fakes: the critic's estimate
-    of W(P_data, P_G) up to its Lipschitz constant (the curve of WGAN fig. 3)."""
+    """E[f(x)] - E[f(G(z))] over held-out images and as many fixed-seed fakes: ~ K W(P_data, P_G) (WGAN fig. 3)."""
+    # the critic's estimate of the Wasserstein distance, up to its Lipschitz constant K
     z = torch.randn(len(images), model.nz, generator=torch.Generator().manual_seed(seed)).to(device)
     total = 0.0
-    for i in range(0, len(images), batch_size):
-        real = to_float(images[i:i + batch_size]).to(device)
-        total += (model.critic(real).sum() - model.critic(model.generator(z[i:i + batch_size])).sum()).item()
+    for x, zb in zip(images.split(batch_size), z.split(batch_size)):
+        total += (model.critic(to_float(x).to(device)).sum() - model.critic(model.generator(zb)).sum()).item()
     return total / len(images)
 
 
-def sample_only(args, device, expdir):
-    """--sample_only N: G(z) for N draws z ~ N(0, I) from --ckpt (default ckpt.pt) as samples.png and samples.npy."""
+def sample_only(args, device, expdir):  # --sample_only N: G(z) for N draws z ~ N(0, I), from --ckpt (default ckpt.pt)
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     ckpt = load_checkpoint(path, device)
     model = WGAN(**ckpt["model_args"]).to(device)
@@ -284,48 +259,42 @@ CIFAR_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1024 red, 1024 green, 1024 blue bytes, row-major
 
 
-def load_cifar(folder, base_url=None):
-    """-> (train, test) uint8 images (N, 3, 32, 32) from the binary CIFAR-10 files: fixed-size records of one label
-    byte and 3072 pixel bytes (no pickle involved). The six .bin members of the archive are matched by base name and
-    written under that name only, so no path in the archive can escape folder."""
+def load_cifar(folder, base_url=None):  # -> (train, test) uint8 (N, 3, 32, 32) from the binary CIFAR-10 files
+    # fixed-size records of one label byte and 3072 pixel bytes (CIFAR_RECORD): no pickle involved
     if not all(os.path.exists(os.path.join(folder, name)) for name in CIFAR_FILES):
         fetch(folder, CIFAR_MD5, base_url or CIFAR_URL)
         archive = os.path.join(folder, "cifar-10-binary.tar.gz")
         try:
             with tarfile.open(archive, "r:gz") as tar:
+                # the six .bin members, matched by base name and written under that name only: no path in the
+                # archive can escape folder
                 members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
                 for name in CIFAR_FILES:
                     with tar.extractfile(members[name]) as src:
                         atomic(os.path.join(folder, name), lambda p: pathlib.Path(p).write_bytes(src.read()))
         except (tarfile.TarError, OSError, EOFError, KeyError) as e:
             fail(f"unreadable archive ({type(e).__name__}: {e})", archive, "delete it to download it again")
-    splits = []
-    for names in (CIFAR_FILES[:5], CIFAR_FILES[5:]):
-        parts = []
-        for name in names:
-            data = np.fromfile(os.path.join(folder, name), np.uint8)
-            if len(data) == 0 or len(data) % CIFAR_RECORD:
-                fail(f"{len(data)} bytes is not a whole number of {CIFAR_RECORD}-byte records",
-                     os.path.join(folder, name), "delete the .bin files to extract them again")
-            parts.append(torch.from_numpy(data.reshape(-1, CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32).copy()))
-        splits.append(torch.cat(parts))
-    return splits
+    parts = []
+    for name in CIFAR_FILES:
+        data = np.fromfile(os.path.join(folder, name), np.uint8)
+        if len(data) == 0 or len(data) % CIFAR_RECORD:
+            fail(f"{len(data)} bytes is not a whole number of {CIFAR_RECORD}-byte records", os.path.join(folder, name),
+                 "delete the .bin files to extract them again")
+        parts.append(torch.from_numpy(data.reshape(-1, CIFAR_RECORD)[:, 1:].reshape(-1, 3, 32, 32).copy()))
+    return torch.cat(parts[:5]), parts[5]                               # data_batch_1 to 5; test_batch
 
 
-def load_dataset(args):
-    """-> (train, test) uint8 images (N, C, size, size). MNIST's 28x28 digits are padded with black
-    to 32x32 (the DCGAN shapes need 4 x 2^k), resized for other sizes. Folder and shapes hold out 10%."""
+def load_dataset(args):                                                 # -> (train, test) uint8 (N, C, size, size)
     if args.dataset in ("mnist", "fashion"):
         train, test = load_idx_images(args.dataset, os.path.join(args.datadir, args.dataset), args.data_url)
     elif args.dataset == "cifar10":
         train, test = load_cifar(os.path.join(args.datadir, "cifar10"), args.data_url)
-    else:
+    else:                                                               # folder, shapes: a fixed 10% held out
         images = make_shapes(10000, args.image_size) if args.dataset == "shapes" else \
             load_folder(args.datadir, args.image_size)
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
-        n_test = max(1, len(images) // 10)
-        train, test = images[n_test:], images[:n_test]
-    if train.shape[-1] == 28 and args.image_size == 32:
+        train, test = images[max(1, len(images) // 10):], images[:max(1, len(images) // 10)]
+    if train.shape[-1] == 28 and args.image_size == 32:                 # MNIST: padded with black (DCGAN needs 4 x 2^k)
         train, test = F.pad(train, (2, 2, 2, 2)), F.pad(test, (2, 2, 2, 2))
     elif train.shape[-1] != args.image_size:
         resize = lambda x: F.interpolate(x.float(), size=args.image_size, mode="bilinear", antialias=True)  # noqa: E731
@@ -347,36 +316,29 @@ IDX_MD5 = {"mnist": dict(zip(IDX_FILES, ["f68b3c2dcbeaaa9fbdd348bbdeb94873", "d5
 IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def fetch(folder, files, url):
-    """Download whichever of files ({name: published md5}) folder lacks from url/<name>."""
-    for name, md5 in files.items():
+def fetch(folder, files, url):  # download from url/<name> each of files ({name: md5}) that folder lacks
+    for name in [name for name in files if not os.path.exists(os.path.join(folder, name))]:
         try:
-            if not os.path.exists(os.path.join(folder, name)):
-                os.makedirs(folder, exist_ok=True)
-                download(url.rstrip("/") + "/" + name, os.path.join(folder, name), md5)
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            fail(f"cannot download {url.rstrip('/')}/{name} ({e})", os.path.join(folder, name), f"no network? put "
-                 f"{', '.join(files)} in {folder} by hand, point --datadir at a data root that has them, or train "
-                 "on generated images: --dataset shapes")
+            os.makedirs(folder, exist_ok=True)
+            download(url.rstrip("/") + "/" + name, os.path.join(folder, name), files[name])
+        except Exception as e:  # OSError, HTTP errors, a wrong md5
+            fail(f"cannot download ({e})", f"{url.rstrip('/')}/{name}", f"no network? put {', '.join(files)} in "
+                 f"{folder} by hand, point --datadir at a data root that has them, or use --dataset shapes (generated)")
 
 
-def read_idx(path):
-    """An idx file (gzipped or not) -> numpy array: bytes 0-1 zero, byte 2 the dtype code, byte 3 the number of
-    dimensions, a big-endian uint32 per dimension, then the values."""
+def read_idx(path):  # an idx file, gzipped or not -> numpy: 0, 0, dtype code, ndim, big-endian uint32 dims, values
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
         if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
             raise ValueError("bad magic number")
-        head = 4 + 4 * data[3]
-        dims = struct.unpack(f">{data[3]}I", data[4:head])
-        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=head).reshape(dims)
-    except (OSError, EOFError, ValueError, struct.error) as e:         # not gzip, cut short, or a foreign file
+        dims = np.frombuffer(data, ">u4", count=data[3], offset=4)
+        return np.frombuffer(data, IDX_DTYPES[data[2]], offset=4 + 4 * len(dims)).reshape(dims)
+    except (OSError, EOFError, ValueError) as e:                        # not gzip, cut short, or a foreign file
         fail(f"not a readable idx file ({e})", path, "delete it to download it again, or replace it")
 
 
-def load_idx_images(dataset, folder, base_url=None):
-    """-> (train, test) uint8 images (N, 1, 28, 28) of MNIST or Fashion-MNIST, downloaded if missing."""
+def load_idx_images(dataset, folder, base_url=None):  # -> (train, test) uint8 (N, 1, 28, 28), downloaded if missing
     fetch(folder, IDX_MD5[dataset], base_url or IDX_URLS[dataset])
     out = []
     for split in ("train", "t10k"):
@@ -388,10 +350,8 @@ def load_idx_images(dataset, folder, base_url=None):
     return out
 
 
-def make_shapes(n, size, seed=0):
-    """Procedural dataset: one white disc, ring, square or diamond per image, of random size,
-    position and rotation, drawn at 4x resolution and box-filtered down. -> uint8 (n, 1, size, size)."""
-    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []
+def make_shapes(n, size, seed=0):  # -> uint8 (n, 1, size, size): one white disc, ring, square or diamond per image
+    g, s, out = torch.Generator().manual_seed(seed), 4 * size, []      # drawn at 4x the size, then box-filtered
     u = (torch.arange(s) + 0.5) / s * 2 - 1                           # pixel centres in [-1, 1]
     yy, xx = torch.meshgrid(u, u, indexing="ij")
     for start in range(0, n, 500):
@@ -409,9 +369,7 @@ def make_shapes(n, size, seed=0):
     return torch.cat(out)
 
 
-def load_folder(root, size):
-    """Every PNG/JPG/BMP under root, centre-cropped to a square and resized to size x size.
-    -> uint8 (N, C, size, size), C = 3 if any file is stored as RGB(A), else 1 (grey repeated)."""
+def load_folder(root, size):  # every PNG/JPG/BMP under root -> uint8 (N, C, size, size): centre squares, resized
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
     if len(files) < 3:
@@ -428,25 +386,21 @@ def load_folder(root, size):
         x = x[(h - k) // 2:(h - k) // 2 + k, (w - k) // 2:(w - k) // 2 + k].permute(2, 0, 1)  # the centre square
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         images.append((x.clamp(0, 1) * 255).round().to(torch.uint8))
-    c = max(im.shape[0] for im in images)
-    return torch.stack([im.expand(c, -1, -1) for im in images])
+    c = max(im.shape[0] for im in images)                               # 3 if any file is RGB(A), else 1
+    return torch.stack([im.expand(c, -1, -1) for im in images])         # grey ones repeated
 
 
-def grid(images, nrow):
-    """images (N, C, H, W) in [0, 1] -> one picture, uint8 (H', W') or (H', W', C): nrow per row, 2-pixel grey gaps."""
+def grid(images, nrow):  # images (N, C, H, W) in [0, 1] -> uint8 (H', W'[, C]): nrow a row, 2-pixel grey gaps
     n, c, h, w = images.shape
     canvas = torch.full((c, math.ceil(n / nrow) * (h + 2) + 2, nrow * (w + 2) + 2), 0.5)
     for i, im in enumerate(images.cpu()):
         r, q = divmod(i, nrow)
         canvas[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = im
-    pixels = to_uint8(canvas.permute(1, 2, 0))
-    return pixels[..., 0] if c == 1 else pixels
+    return to_uint8(canvas.permute(1, 2, 0).squeeze(-1))               # (H', W') for grey images
 
 
-def write_samples(expdir, images):
-    """--sample_only: images (N, C, H, W) in [0, 1] as samples.npy, uint8 (N, H, W) or (N, H, W, C), and samples.png."""
-    pixels = to_uint8(images.permute(0, 2, 3, 1))
-    pixels = pixels[..., 0] if images.shape[1] == 1 else pixels
+def write_samples(expdir, images):  # --sample_only: images (N, C, H, W) in [0, 1] -> samples.npy (uint8), samples.png
+    pixels = to_uint8(images.permute(0, 2, 3, 1).squeeze(-1))           # (N, H, W) for grey images, else (N, H, W, C)
     atomic(os.path.join(expdir, "samples.npy"), lambda p: np.save(p, pixels))
     save_png(os.path.join(expdir, "samples.png"), grid(images, math.ceil(math.sqrt(len(images)))))
 
@@ -455,15 +409,12 @@ def write_samples(expdir, images):
 # Errors, flags, devices, files, downloads, checkpoints, the metrics log, the progress bar and Ctrl-C: the same text
 # in tiny_nerf.py, tiny_tensorf.py, tiny_wgan.py and tiny_vae.py (tests/test_shared.py checks it). SCRIPT, ALIASES,
 # get_parser, preset_defaults and check_args are each script's own.
-def fail(what, where, fix):
-    """A user error: one line `error: what (where): fix` on stderr, exit status 1, no traceback."""
+def fail(what, where, fix):                                             # a user error: one line, exit status 1
     raise SystemExit(f"error: {what} ({where}): {fix}")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors; an unknown flag is answered with its name here (ALIASES) or the closest flags."""
-
-    def error(self, message):
+class Parser(argparse.ArgumentParser):                                  # argparse, with one-line errors
+    def error(self, message):                                           # unknown flags: ALIASES, or the closest
         hints = []
         for flag in re.findall(r"(?<!\S)--?[A-Za-z][-\w]*", message.partition("unrecognized arguments:")[2]):
             close = difflib.get_close_matches(flag, self._option_string_actions, 2, 0.7)
@@ -481,8 +432,7 @@ def positive(kind, zero=False):                                         # an arg
     return check
 
 
-def parse_args(argv=None):
-    """The command line -> args; a preset (preset_defaults) replaces defaults only, so flags given explicitly win."""
+def parse_args(argv=None):                                              # a preset sets defaults: given flags win
     parser = get_parser()
     parser.set_defaults(**preset_defaults(parser.parse_args(argv)))
     args = check_args(parser.parse_args(argv))
@@ -491,8 +441,7 @@ def parse_args(argv=None):
     return args
 
 
-def pick_devices(args):
-    """--device, --gpus -> (device, DataParallel ids): one GPU unless --gpus lists more; the model sits on the first."""
+def pick_devices(args):                                                 # -> device, DataParallel ids (--gpus)
     name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         fail(f"unknown device {args.device!r}", "--device", "use auto, cpu, cuda or cuda:N")
@@ -501,22 +450,21 @@ def pick_devices(args):
     if name == "cpu":
         return torch.device("cpu"), []
     n, gpus = torch.cuda.device_count(), (args.gpus or name.partition(":")[2] or "0").split(",")
-    if n == 0 or not all(i.isdigit() and int(i) < n for i in gpus):
+    if not all(i.isdigit() and int(i) < n for i in gpus):            # one GPU unless --gpus lists more
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
-    torch.cuda.set_device(int(gpus[0]))
+    torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 
-def freeze(model, patterns):
-    """Stop gradients to the parameters whose qualified names match any of the fnmatch patterns (--freeze)."""
+def freeze(model, patterns):                                            # --freeze: no gradient to matching names
     names = [n for n, _ in model.named_parameters()]
     if unmatched := [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]:
         fail(f"pattern {unmatched[0]!r} matches no parameter", "--freeze", f"names look like {names[0]}, {names[-1]}")
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train == 0 or patterns:
+    if patterns:
         print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
@@ -540,20 +488,18 @@ def to_uint8(x):                                                        # [0, 1]
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def make_expdir(args):
-    """logs/<expname>/ (--basedir, --expname), made if need be; a one-line error if it cannot be written."""
+def make_expdir(args):                                                  # <basedir>/<expname>/, made if need be
     expdir = os.path.join(args.basedir, args.expname)
     try:
         os.makedirs(expdir, exist_ok=True)
+        if not os.access(expdir, os.W_OK):
+            raise OSError(0, "not writable")
     except OSError as e:
-        fail(f"cannot make the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
-    if not os.access(expdir, os.W_OK):
-        fail("cannot write to the run folder", expdir, "choose another --basedir or --expname")
+        fail(f"cannot write to the run folder ({e.strerror})", expdir, "choose another --basedir or --expname")
     return expdir
 
 
-def download(url, path, md5=None):
-    """url -> path with a progress bar, via path.part: only a complete file (matching md5, if given) takes the name."""
+def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
     tmp, digest = path + ".part", hashlib.md5()
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
@@ -573,8 +519,7 @@ def fingerprint(name, *tensors):                                        # what a
     return {"name": name, "sha1": hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in tensors)).hexdigest()}
 
 
-def save_checkpoint(path, model, optimizers, step, state, args, data):
-    """One layout in the four scripts: architecture, weights, optimizers, step, counters, RNG states, flags, data."""
+def save_checkpoint(path, model, optimizers, step, state, args, data):  # one layout in the four scripts
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     atomic(path, lambda p: torch.save({
         "script": SCRIPT, "model_args": model.config, "model": model.state_dict(), "step": step, "state": state,
@@ -582,8 +527,7 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):
         "data": data}, p))
 
 
-def load_checkpoint(path, device):
-    """A checkpoint this script wrote, as a dict, or a one-line error."""
+def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
@@ -596,15 +540,14 @@ def load_checkpoint(path, device):
 
 
 def resume(args, expdir, model, optimizers, state, data, device):
-    """Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
-    kinds): load weights, optimizer and RNG states, the counters (into state). -> the step to go on from."""
+    # Unless --no_reload, go on from <expdir>/ckpt.pt (or --ckpt) if it fits this run (architecture, data, optimizer
+    # kinds): weights, optimizer and RNG states, the counters (into state). -> the step to go on from.
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
     ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
-    for key, value in model.config.items():
-        if ckpt["model_args"].get(key) != value:
-            fail(f"checkpoint has {key}={ckpt['model_args'].get(key)}, this run {value}", path, fix)
+    if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
+        fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
     for key, opt in optimizers.items():
@@ -615,15 +558,14 @@ def resume(args, expdir, model, optimizers, state, data, device):
     torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update(ckpt["state"])
+    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
 
 class Run:
-    """A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
-    whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`."""
-
+    # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
+    # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
         self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
@@ -652,13 +594,13 @@ class Run:
     def log(self, record, image=None):                                  # image: uint8 (H, W) or (H, W, C), or a PNG
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items() if self.board else ():
-            if key != "step" and isinstance(value, (int, float)):
-                self.board.add_scalar(key, value, record["step"])
-        if self.board and image is not None:
-            image = iio.imread(image) if isinstance(image, str) else image
-            self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
         if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            if image is not None:
+                image = iio.imread(image) if isinstance(image, str) else image
+                self.board.add_image("picture", image, record["step"], dataformats="HWC"[:image.ndim])
             self.board.flush()
 
     def __enter__(self):
@@ -694,53 +636,48 @@ def main(argv=None):
     data = fingerprint(f"{args.dataset}, {len(train)} training images of {args.image_size}", train)
     raw = WGAN(train.shape[1], args.image_size, args.nz, args.ngf, args.ndf, args.critic_norm).to(device)
     opt_d, opt_g = make_optimizer(raw.critic.parameters(), args), make_optimizer(raw.generator.parameters(), args)
-    state = {"critic_steps": 0, "drawn": 0, "in_step": 0, "seconds": 0.0, "sums": torch.zeros(6)}
+    # sums since the last log line: W, critic loss, gradient norm, generator loss, critic steps, generator steps
+    state = {"critic_steps": 0, "in_step": 0, "seconds": 0.0, "sums": torch.zeros(6)}
     step = resume(args, expdir, raw, {"critic": opt_d, "generator": opt_g}, state, data, device)
-    sums = state["sums"]                                                # W, critic loss, norm, G loss, critic/G steps
     freeze(raw, args.freeze)
     if not any(p.requires_grad for p in raw.generator.parameters()):
         fail("every generator parameter is frozen", "--freeze", "match fewer parameters")
     critic_trains = any(p.requires_grad for p in raw.critic.parameters())
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the losses are computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
-    ckpt_path = os.path.join(expdir, "ckpt.pt")
     sizes = [sum(p.numel() for p in net.parameters()) for net in (raw.generator, raw.critic)]
     mode = f"WGAN-GP lambda={args.gp:g}" if args.gp else f"clipping c={args.clip_value:g}"
     print(f"{len(train)} train / {len(test)} held-out images of {tuple(train.shape[1:])}, generator {sizes[0]:,} / "
           f"critic {sizes[1]:,} parameters, {mode}, {device}")
 
-    def next_batch():                                                   # epoch by epoch, each's order by (seed, epoch)
-        epoch, i = divmod(state["drawn"], max(1, len(train) // args.batch_size))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        state["drawn"] += 1
-        return to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
-
     # train: n_critic critic steps (WGAN algorithm 1, lines 2-8), then a generator step (lines 9-10)
     fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)  # the grids' noise
-    start = time.time() - state["seconds"]
+    ckpt_path, start = os.path.join(expdir, "ckpt.pt"), time.time() - state["seconds"]
     with Run(args, expdir, step, args.iters, state["seconds"], "--iters") as run:
         while step < args.iters and not run.over(state["seconds"]):
             while critic_trains and state["in_step"] < n_critic_at(step, args.n_critic, args.paper_schedule) \
                     and not run.stopped:
-                terms = critic_step(model, opt_d, next_batch(), args.gp, None if args.gp else args.clip_value)
-                sums += torch.cat([terms.cpu(), torch.tensor([0.0, 1.0, 0.0])])
+                epoch, i = divmod(state["critic_steps"], max(1, len(train) // args.batch_size))  # order: seed, epoch
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+                real = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
+                terms = critic_step(model, opt_d, real, args.gp, None if args.gp else args.clip_value)
+                state["sums"] += torch.cat([terms.cpu(), torch.tensor([0.0, 1.0, 0.0])])
                 state["in_step"], state["critic_steps"] = state["in_step"] + 1, state["critic_steps"] + 1
             if run.stopped:                                             # between critic steps: resumes there
                 break
-            sums += torch.tensor([0, 0, 0, generator_step(model, opt_g, args.batch_size, device).item(), 0, 1])
+            state["sums"] += torch.tensor([0, 0, 0, generator_step(model, opt_g, args.batch_size, device).item(), 0, 1])
             step, state["in_step"], state["seconds"] = step + 1, 0, time.time() - start
             run.advance(step, state["seconds"])
             samples = os.path.join(expdir, f"samples_{step}.png")
             if step % args.i_sample == 0:
                 save_png(samples, grid(generate(raw, fixed_z, args.batch_size), 8))
             if step % args.i_print == 0 or step == args.iters or run.over(state["seconds"]):
-                w, loss_d, norm = (sums[:3] / max(sums[4].item(), 1)).tolist()
-                loss_g = (sums[3] / sums[5]).item()
+                w, loss_d, norm, loss_g = (state["sums"][:4] / state["sums"][[4, 4, 4, 5]].clamp(min=1)).tolist()
                 run.log({"step": step, "critic_steps": state["critic_steps"], "wasserstein": w, "loss_d": loss_d,
                          "loss_g": loss_g, "grad_norm": norm if args.gp else None, "lr": args.lr,
                          "seconds": round(state["seconds"], 2)}, samples if step % args.i_sample == 0 else None)
                 run.advance(step, state["seconds"], W=f"{w:.4f}", loss_g=f"{loss_g:.4f}")
-                sums.zero_()
+                state["sums"].zero_()
                 save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
     save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
     if run.stopped:

@@ -111,7 +111,7 @@ def test_gpus_without_cuda_and_an_unusable_basedir_are_one_line_errors(name, tmp
         assert "--gpus" in one_line_error(module.main, ["--gpus", "0,1"])
     (tmp_path / "file").write_text("not a folder")
     msg = one_line_error(module.main, quick(name, tmp_path) + ["--basedir", str(tmp_path / "file")])
-    assert "cannot make the run folder" in msg and str(tmp_path / "file") in msg
+    assert "cannot write to the run folder" in msg and str(tmp_path / "file") in msg
 
 
 def test_tensorboard_missing_is_named(monkeypatch, tmp_path):
