@@ -141,6 +141,9 @@ class MLP(nn.Module):
             self.rgb_linear = nn.Linear(width // 2, 3)
         else:
             self.output_linear = nn.Linear(width, 4)
+        # a thin fog to start from: with PyTorch's default init the density is <= 0 at every point for about 30% of
+        # networks (80 seeds, widths 128 and 256), and behind the ReLU such a network never gets a gradient
+        nn.init.constant_(self.alpha_linear.bias if use_viewdirs else self.output_linear.bias[3:], 0.1)
 
     def forward(self, x, d):
         """x (P, in_pts) encoded points, d (P, in_views) encoded directions -> raw (P, 4): rgb logits, density."""
@@ -164,9 +167,7 @@ class NeRF(nn.Module):
     def __init__(self, netdepth=8, netwidth=256, netdepth_fine=8, netwidth_fine=256, multires=10, multires_views=4,
                  use_viewdirs=True, fine=True):
         super().__init__()
-        self.config = dict(netdepth=netdepth, netwidth=netwidth, netdepth_fine=netdepth_fine,
-                           netwidth_fine=netwidth_fine, multires=multires, multires_views=multires_views,
-                           use_viewdirs=use_viewdirs, fine=fine)
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments
         self.multires, self.multires_views = multires, multires_views
         in_pts, in_views = 3 + 6 * multires, (3 + 6 * multires_views) * use_viewdirs  # 63 and 27 by default
         self.coarse = MLP(netdepth, netwidth, in_pts, in_views, use_viewdirs)
@@ -184,10 +185,11 @@ class NeRF(nn.Module):
 
     def forward(self, rays, target=None, u=None):
         """rays (N, 6), target (N, 3) or None, u (N, N_samples + N_importance) uniforms or None (deterministic) ->
-        (1, networks) summed squared errors, the fine one's first; without target (N, 6): rgb, depth, disp, opacity."""
+        (1, networks + 1): summed squared errors, the fine one's first, and the last network's summed opacity; without
+        target (N, 6): rgb, depth, disp, opacity."""
         outs = render_rays(self, rays, u, self.raw_noise_std if target is not None else 0.0)
         if target is not None:
-            return torch.stack([((out[0] - target) ** 2).sum() for out in outs[::-1]])[None]
+            return torch.stack([((out[0] - target) ** 2).sum() for out in outs[::-1]] + [outs[-1][3].sum()])[None]
         return torch.cat([outs[-1][0], torch.stack(outs[-1][1:4], -1)], -1)  # rgb, then depth, disparity, opacity
 
 
@@ -195,7 +197,10 @@ class NeRF(nn.Module):
 def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
     """Volume rendering (NeRF eq. 3) of raw MLP outputs (N, S, 4) at sorted depths z (N, S) along rays_d (N, 3).
     -> rgb (N, 3), depth (N,), disparity (N,), accumulated opacity (N,), weights (N, S)."""
-    delta = torch.cat([z[:, 1:] - z[:, :-1], torch.full_like(z[:, :1], 1e10)], -1)  # delta_i = t_{i+1} - t_i, last: inf
+    # the last interval: to FAR on a white background, which lies beyond; else infinite, the last sample opaque (the
+    # reference's 1e10, which on white makes any density there paint the background: it learns to kill all density)
+    end = torch.full_like(z[:, :1], FAR if white_bkgd else 1e10)
+    delta = torch.cat([z[:, 1:], end], -1) - z                          # delta_i = t_{i+1} - t_i
     delta = delta * rays_d.norm(dim=-1, keepdim=True)                   # in world units: |d| need not be 1
     noise = torch.randn_like(z) * raw_noise_std if raw_noise_std > 0 else 0.0  # a regulariser (reference code)
     sigma = F.relu(raw[..., 3] + noise)                                 # sigma >= 0
@@ -246,15 +251,17 @@ def render_rays(nerf, rays, u=None, raw_noise_std=0.0):
 
 # ---------------------------------------------------------------- training
 def train_step(model, opt, rays, target, u):
-    """One Adam step on rays (N, 6), colours (N, 3), u as in NeRF.forward -> MSE per network, fine first (detached)."""
-    mse = model(rays, target, u).sum(0) / target.numel()                # sum over replicas / global count
+    """One Adam step on rays (N, 6), colours (N, 3), u as in NeRF.forward -> MSE per network, fine first, and the mean
+    opacity of the rays (detached)."""
+    out = model(rays, target, u).sum(0)                                 # sum over replicas
+    mse = out[:-1] / target.numel()                                     # / global count
     loss = mse.sum()                                                    # MSE(fine) + MSE(coarse)   (eq. 6)
     if not torch.isfinite(loss):
         fail(f"the loss became {loss.item()}", "--lrate", "lower it; ckpt.pt still holds the last good state")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return mse.detach()
+    return torch.cat([mse, out[-1:] / len(target)]).detach()
 
 
 # ---------------------------------------------------------------- evaluation & outputs
@@ -347,16 +354,15 @@ def fetch_synthetic(datadir, url):  # nerf_synthetic.zip (no checksum is publish
         os.makedirs(datadir, exist_ok=True)
         if not os.path.exists(zip_path):
             download(url, zip_path)
-    except Exception as e:  # OSError, HTTP errors, a wrong md5
-        fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
-             f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+        shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(zip_path) as z:                            # it drops "/" and "..": all stays in tmp
             z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
         scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
     except (zipfile.BadZipFile, FileNotFoundError):
         fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
+    except Exception as e:  # OSError, HTTP errors
+        fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
+             f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
     for scene in scenes:                                                # each scene by one rename, once complete
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
@@ -496,18 +502,20 @@ def load_scene(args):  # --scene -> load_blender's dict, the scene generated or 
 
 def sample_batch(data, step, args, g):
     """N_rand rays (N, 6) and colours (N, 3) drawn with g: distinct pixels of one random image (the reference's
-    Blender default; its centre until precrop_iters, lest white background win early), or of all (--use_batching)."""
+    Blender default) or pixels of all images (--use_batching); either way from the images' centre until precrop_iters,
+    lest the white background win early: the density driven to 0 everywhere, where the ReLU passes no gradient."""
     n, H, W = data["images"].shape[:3]
+    y0, x0, h, w = 0, 0, H, W
+    if step < args.precrop_iters:                                       # the centre crop
+        dh, dw = max(1, int(H // 2 * args.precrop_frac)), max(1, int(W // 2 * args.precrop_frac))
+        y0, x0, h, w = H // 2 - dh, W // 2 - dw, 2 * dh, 2 * dw
     if args.use_batching:
-        k = torch.randint(n * H * W, (args.N_rand,), generator=g)
-        img, ys, xs = k // (H * W), k // W % H, k % W
+        k = torch.randint(n * h * w, (args.N_rand,), generator=g)
+        img = k // (h * w)
     else:
-        y0, y1, x0, x1 = 0, H, 0, W
-        if step < args.precrop_iters:
-            dh, dw = max(1, int(H // 2 * args.precrop_frac)), max(1, int(W // 2 * args.precrop_frac))
-            y0, y1, x0, x1 = H // 2 - dh, H // 2 + dh, W // 2 - dw, W // 2 + dw
-        k = torch.randperm((y1 - y0) * (x1 - x0), generator=g)[:args.N_rand]
-        img, ys, xs = torch.randint(n, (), generator=g).expand(len(k)), y0 + k // (x1 - x0), x0 + k % (x1 - x0)
+        k = torch.randperm(h * w, generator=g)[:args.N_rand]
+        img = torch.randint(n, (), generator=g).expand(len(k))
+    ys, xs = y0 + k // w % h, x0 + k % w
     return torch.cat(get_rays(H, W, data["focal"], data["poses"][img], ys, xs), -1), data["images"][img, ys, xs]
 
 
@@ -747,7 +755,7 @@ def main(argv=None):
     for key in RENDER_OPTIONS:
         setattr(raw, key, getattr(args, key))
     opt = torch.optim.Adam(raw.parameters(), lr=args.lrate, fused=True)  # fused: one kernel for all parameters
-    state = {"seconds": 0.0, "sums": torch.zeros(3 if raw.fine is not None else 2)}  # MSE per network, steps
+    state = {"seconds": 0.0, "sums": torch.zeros(4 if raw.fine is not None else 3)}  # MSE per network, opacity, steps
     scene = fingerprint(f"{args.scene}, {len(data['images'])} views", data["images"], data["poses"])
     step = resume(args, expdir, raw, {"adam": opt}, state, scene, device)
     freeze(raw, args.freeze)
@@ -768,9 +776,13 @@ def main(argv=None):
             step, state["seconds"] = step + 1, time.time() - start
             run.advance(step, state["seconds"], psnr=f"{mse2psnr(mse[0]):.2f}")
             if step % args.i_print == 0 or step == args.N_iters:
-                m = state["sums"][:-1] / state["sums"][-1]
-                run.log({"step": step, "loss": m.sum().item(), "psnr": mse2psnr(m[0]), "lr": opt.param_groups[0]["lr"],
-                         "seconds": round(state["seconds"], 2), **{"psnr_coarse": mse2psnr(c) for c in m[1:]}})
+                m = state["sums"][:-1] / state["sums"][-1]                # MSE per network, opacity
+                if m[-1] == 0:                                          # density 0 everywhere: no gradient either
+                    fail(f"every ray rendered empty for {state['sums'][-1]:.0f} steps: a dead network", f"step {step}",
+                         "start afresh (--no_reload) with a lower --lrate, a longer --precrop_iters or another --seed")
+                run.log({"step": step, "loss": m[:-1].sum().item(), "psnr": mse2psnr(m[0]), "opacity": m[-1].item(),
+                         "lr": opt.param_groups[0]["lr"], "seconds": round(state["seconds"], 2),
+                         **{"psnr_coarse": mse2psnr(c) for c in m[1:-1]}})
                 state["sums"].zero_()
             if step % args.i_weights == 0:
                 save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)

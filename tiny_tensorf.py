@@ -433,16 +433,15 @@ def fetch_synthetic(datadir, url):  # nerf_synthetic.zip (no checksum is publish
         os.makedirs(datadir, exist_ok=True)
         if not os.path.exists(zip_path):
             download(url, zip_path)
-    except Exception as e:  # OSError, HTTP errors, a wrong md5
-        fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
-             f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+        shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(zip_path) as z:                            # it drops "/" and "..": all stays in tmp
             z.extractall(tmp, [m for m in z.infolist() if m.filename.startswith("nerf_synthetic/")])
         scenes = os.listdir(os.path.join(tmp, "nerf_synthetic"))
     except (zipfile.BadZipFile, FileNotFoundError):
         fail("not a zip of a nerf_synthetic/ folder", zip_path, f"delete it and download it again ({SYNTHETIC_PAGE})")
+    except Exception as e:  # OSError, HTTP errors
+        fail(f"cannot download {url} ({e})", target, f"no network? get nerf_synthetic.zip from {SYNTHETIC_PAGE} and "
+             f"unzip it into {datadir}, or train on a scene made here: --scene procedural")
     for scene in scenes:                                                # each scene by one rename, once complete
         if not os.path.exists(os.path.join(target, scene)):
             os.renames(os.path.join(tmp, "nerf_synthetic", scene), os.path.join(target, scene))
