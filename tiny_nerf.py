@@ -184,9 +184,8 @@ class NeRF(nn.Module):
         return torch.cat(raw).float().view(*pts.shape[:-1], 4)
 
     def forward(self, rays, target=None, u=None):
-        """rays (N, 6), target (N, 3) or None, u (N, N_samples + N_importance) uniforms or None (deterministic) ->
-        (1, networks + 1): summed squared errors, the fine one's first, and the last network's summed opacity; without
-        target (N, 6): rgb, depth, disp, opacity."""
+        """rays (N, 6), target (N, 3) or None, u (N, N_samples + N_importance) or None (deterministic) -> (1, nets + 1):
+        summed squared errors (fine first), the last net's summed opacity; no target: (N, 6) rgb, depth, disp, acc"""
         outs = render_rays(self, rays, u, self.raw_noise_std if target is not None else 0.0)
         if target is not None:
             return torch.stack([((out[0] - target) ** 2).sum() for out in outs[::-1]] + [outs[-1][3].sum()])[None]
@@ -251,8 +250,7 @@ def render_rays(nerf, rays, u=None, raw_noise_std=0.0):
 
 # ---------------------------------------------------------------- training
 def train_step(model, opt, rays, target, u):
-    """One Adam step on rays (N, 6), colours (N, 3), u as in NeRF.forward -> MSE per network, fine first, and the mean
-    opacity of the rays (detached)."""
+    """One Adam step on rays (N, 6), colours (N, 3), u as in NeRF.forward -> MSE per network (fine first), opacity."""
     out = model(rays, target, u).sum(0)                                 # sum over replicas
     mse = out[:-1] / target.numel()                                     # / global count
     loss = mse.sum()                                                    # MSE(fine) + MSE(coarse)   (eq. 6)
@@ -501,9 +499,8 @@ def load_scene(args):  # --scene -> load_blender's dict, the scene generated or 
 
 
 def sample_batch(data, step, args, g):
-    """N_rand rays (N, 6) and colours (N, 3) drawn with g: distinct pixels of one random image (the reference's
-    Blender default) or pixels of all images (--use_batching); either way from the images' centre until precrop_iters,
-    lest the white background win early: the density driven to 0 everywhere, where the ReLU passes no gradient."""
+    """N_rand rays (N, 6), colours (N, 3) drawn with g: pixels of one random image (the reference's Blender default) or
+    of all (--use_batching), from the centre until precrop_iters lest the white background win and the density die."""
     n, H, W = data["images"].shape[:3]
     y0, x0, h, w = 0, 0, H, W
     if step < args.precrop_iters:                                       # the centre crop
