@@ -142,7 +142,7 @@ class MLP(nn.Module):
         else:
             self.output_linear = nn.Linear(width, 4)
         # a thin fog to start from: with PyTorch's default init the density is <= 0 at every point for about 30% of
-        # networks (80 seeds, widths 128 and 256), and behind the ReLU such a network never gets a gradient
+        # networks (40 seeds each at widths 128 and 256), and behind the ReLU such a network never gets a gradient
         nn.init.constant_(self.alpha_linear.bias if use_viewdirs else self.output_linear.bias[3:], 0.1)
 
     def forward(self, x, d):
@@ -768,6 +768,7 @@ def main(argv=None):
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)
             rays, target = sample_batch(data, step, args, g)
             u = torch.rand(len(rays), args.N_samples + args.N_importance, generator=g) if args.perturb > 0 else None
+            # the MSE of each network (fine first), then the mean opacity of the rays
             mse = train_step(model, opt, rays.to(device), target.to(device), u if u is None else u.to(device)).cpu()
             state["sums"] += torch.cat([mse, torch.ones(1)])
             step, state["seconds"] = step + 1, time.time() - start
