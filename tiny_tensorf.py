@@ -366,7 +366,7 @@ def render_image(model, H, W, focal, c2w, chunk, device):  # one view -> (H, W, 
     return torch.cat([model(r.to(device)).cpu() for r in rays.split(chunk)]).view(H, W, 6)
 
 
-def render_testset(model, data, args, folder, step, device):  # -> folder/<stem>.png, PSNR and SSIM in metrics.json
+def render_testset(model, data, args, folder, step, device, run=None):  # -> folder/<stem>.png, metrics.json; run.log
     f = args.render_factor or 1
     H, W, focal = data["H"] // f, data["W"] // f, data["focal"] / f
     os.makedirs(folder, exist_ok=True)
@@ -379,6 +379,9 @@ def render_testset(model, data, args, folder, step, device):  # -> folder/<stem>
     mean = {key: float(np.mean([v[key] for v in views.values()])) for key in ("psnr", "ssim")}
     result = {"step": step, **mean, "views": len(views), "size": [H, W], "per_view": views}
     write_text(os.path.join(folder, "metrics.json"), json.dumps(result, indent=1))
+    if run:
+        run.log({"step": step, "test_psnr": mean["psnr"], "test_ssim": mean["ssim"]},
+                os.path.join(folder, data["test_names"][0] + ".png"))    # TensorBoard: the first test view
     return result
 
 
@@ -396,12 +399,12 @@ def render_video(model, data, args, path, device, frames=40):  # a turntable -> 
     return path
 
 
-def finish(model, data, args, outdir, step, seconds, device):  # test views, video, final.json, the summary line
+def finish(model, data, args, outdir, step, seconds, device, run=None):  # test views, video, final.json, summary
     f, g = args.render_factor or 1, args.video_factor or args.render_factor or 1
     rays, tic = (len(data["test_images"]) / f ** 2 + 40 / g ** 2) * data["H"] * data["W"], time.time()
     render_image(model, 1, 1024, data["focal"], data["test_poses"][0], args.chunk, device)   # 1024 rays, timed
     print(f"rendering the test views and a video, {rays:,.0f} rays: about {(time.time() - tic) * rays / 1024:.0f} s")
-    test = render_testset(model, data, args, os.path.join(outdir, f"testset_{step}"), step, device)
+    test = render_testset(model, data, args, os.path.join(outdir, f"testset_{step}"), step, device, run)
     video = render_video(model, data, args, os.path.join(outdir, f"video_{step}"), device)
     final = {**{k: v for k, v in test.items() if k != "per_view"}, "train_seconds": round(seconds, 2), "video": video}
     write_text(os.path.join(outdir, "final.json"), json.dumps(final, indent=1))
@@ -461,20 +464,19 @@ def area_resize(image, h, w):  # (H, W, C) -> (h, w, C), averaging pixel areas (
 def read_rgba(path, half_res):  # a PNG -> float RGBA (H, W, 4) in [0, 1]; RGB gets alpha 1
     try:
         a = np.asarray(iio.imread(path))
-    except FileNotFoundError:
-        fail("missing image", path, "download the scene again or fix file_path in its transforms file")
     except Exception as e:                                              # imageio raises many types for a broken file
-        fail(f"cannot read image ({type(e).__name__})", path, "replace the file")
+        fail("missing image" if isinstance(e, FileNotFoundError) else f"cannot read image ({type(e).__name__})", path,
+             "replace the file, download the scene again, or fix file_path in its transforms file")
     if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype.kind != "u":
         fail(f"expected an 8- or 16-bit RGB(A) image, got {a.dtype} {a.shape}", path, "replace the file")
     x = F.pad(torch.from_numpy(a.astype(np.float32) / np.iinfo(a.dtype).max), (0, 4 - a.shape[-1]), value=1.0)
     return area_resize(x, x.shape[0] // 2, x.shape[1] // 2) if half_res else x
 
 
+# A scene in the NeRF synthetic data's Blender format: transforms_{train,test}.json hold camera_angle_x and, per frame,
+# a file_path (PNG, extension omitted) and a camera-to-world transform_matrix (OpenGL: looks down -z, +y up).
 def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
-    """A scene in the NeRF synthetic data's Blender format: transforms_{train,test}.json hold camera_angle_x and, per
-    frame, a file_path (PNG, extension omitted) and a camera-to-world transform_matrix (OpenGL: looks down -z, +y up).
-    -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_names (file stems), H, W, focal."""
+    # -> dict: images (N, H, W, 3), poses (N, 4, 4), test_images, test_poses, test_names (file stems), H, W, focal
     data, shape = {}, None
     for name, split, skip in (("train", "", 1), ("test", "test_", testskip)):
         path = os.path.join(folder, f"transforms_{name}.json")
@@ -484,8 +486,8 @@ def load_blender(folder, half_res=False, white_bkgd=True, testskip=1):
             poses = torch.tensor([f["transform_matrix"] for f in frames], dtype=torch.float32)
             if not frames or poses.shape[1:] != (4, 4) or not poses.isfinite().all() or not 0 < angle < math.pi:
                 raise ValueError("needs frames with a finite 4x4 transform_matrix, and 0 < camera_angle_x < pi")
-            files = [os.path.normpath(os.path.join(folder, f["file_path"])) for f in frames]
-            files = [file if file.endswith(".png") else file + ".png" for file in files]   # Blender: no extension
+            files = [os.path.normpath(os.path.join(folder, f["file_path"].removesuffix(".png") + ".png"))
+                     for f in frames]                                   # Blender omits the extension
         except FileNotFoundError:
             fail("missing transforms file", path, "download the scene again, or check --datadir and --scene")
         except (ValueError, KeyError, TypeError) as e:
@@ -512,8 +514,7 @@ def get_rays(H, W, focal, c2w, ys=None, xs=None):
     return c2w[..., :3, 3].expand(rays_d.shape), rays_d              # o = camera centre
 
 
-def orbit_pose(azimuth, elevation, radius):
-    """Camera-to-world (4, 4) at azimuth, elevation (degrees) and radius, looking at the origin, world +z up."""
+def orbit_pose(azimuth, elevation, radius):  # camera-to-world (4, 4) at azimuth, elevation (degrees) and radius, +z up
     a, e = math.radians(float(azimuth)), math.radians(float(elevation))
     back = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])  # camera +z
     right = F.normalize(torch.linalg.cross(torch.tensor([0.0, 0.0, 1.0]), back), dim=0)
@@ -527,8 +528,7 @@ ELLIPSOIDS = [  # centre, radius (or radii), colour (None: checkered grey), high
     ((0.0, 0.0, -0.5), (1.3, 1.3, 0.05), None, 0.0)]
 
 
-def ray_cast(o, d):
-    """Unit rays (..., 3) -> RGBA (..., 4) of the nearest hit: Lambert, a Blinn-Phong highlight; alpha 0 on a miss."""
+def ray_cast(o, d):  # unit rays (..., 3) -> RGBA (..., 4) of the nearest hit: Lambert, Blinn-Phong; alpha 0 on a miss
     light = F.normalize(torch.tensor([0.4, 0.3, 0.87]), dim=0)
     half = F.normalize(light - d, dim=-1)                               # halfway between the light and the viewer
     best, rgb = torch.full(o.shape[:-1], math.inf), torch.zeros_like(o)
@@ -546,8 +546,8 @@ def ray_cast(o, d):
     return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
 
 
-def make_procedural(folder, size, views=(40, 4, 8)):
-    """The scene in Blender format, 2x2 rays per pixel; cameras at radius 4, random (train, val) or on a ring (test)."""
+def make_procedural(folder, size, views=(40, 4, 8)):  # in Blender format, 2x2 rays a pixel; cameras at radius 4,
+    # random (train, val) or on a ring (test)
     g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n in zip(("train", "val", "test"), views):
@@ -589,12 +589,12 @@ def rays_in_box(data, aabb):  # flat indices of the training pixels whose rays c
     return torch.cat(keep)
 
 
-def sample_batch(data, pixels, n_rays, g):  # rays (n_rays, 6), colours (n_rays, 3) from those pixels by g, on the CPU
+def sample_batch(data, pixels, n_rays, g):  # rays (n, 6), colours (n, 3), jitter u (n,) from those pixels by g, on CPU
     H, W = data["images"].shape[1:3]
     k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
     img, ys, xs = k // (H * W), k // W % H, k % W
     o, d = get_rays(H, W, data["focal"], data["poses"][img], ys, xs)
-    return torch.cat([o, d], -1), data["images"][img, ys, xs]
+    return torch.cat([o, d], -1), data["images"][img, ys, xs], torch.rand(n_rays, generator=g)
 
 
 # ---------------------------------------------------------------- harness (identical in all four scripts)
@@ -656,8 +656,7 @@ def freeze(model, patterns):                                            # --free
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if patterns:
-        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) - n_train:,} frozen, {n_train:,} trainable")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
 
@@ -692,15 +691,13 @@ def make_expdir(args):                                                  # <based
 
 
 def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
-    tmp, digest = path + ".part", hashlib.md5()
+    tmp = path + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True) as bar:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                bar.update(f.write(chunk))
-        if md5 and digest.hexdigest() != md5:
-            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm.wrapattr(
+                r, "read", int(r.headers.get("Content-Length") or 0) or None) as source:  # a progress bar in bytes
+            shutil.copyfileobj(source, f, 1 << 20)
+        if md5 and (digest := hashlib.md5(pathlib.Path(tmp).read_bytes()).hexdigest()) != md5:
+            raise ValueError(f"md5 {digest} is not the published {md5}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -742,6 +739,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
+    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+        fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
@@ -759,13 +758,12 @@ class Run:
     # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
     # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
-        self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
+        self.path, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
         write_text(self.path, "".join(f"{line}\n" for line in old if line.endswith("}") and json.loads(line)["step"]
                                       <= step))                         # ("}": not a line cut short by a crash)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(expdir, purge_step=step)
+        self.board = (importlib.import_module("torch.utils.tensorboard").SummaryWriter(expdir, purge_step=step)
+                      if args.tensorboard else None)                    # an optional package: imported when asked for
         self.bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
         self.steps, self.budget = steps, (args.max_minutes or math.inf) * 60
         if step >= steps or seconds >= self.budget:
@@ -802,7 +800,7 @@ class Run:
 
     def catch(self, signum, frame):
         self.stopped = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, self.old[signal.SIGINT])           # a second Ctrl-C: as before the run
 
     def __exit__(self, *exc):
         self.bar.close()
@@ -810,9 +808,10 @@ class Run:
             signal.signal(s, handler)
 
 
-def interrupted(step, path):                                            # after Ctrl-C: one line, exit status 130
-    print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
-    raise SystemExit(130)
+def interrupted(run, step, path):                                       # after Ctrl-C: one line, exit status 130
+    if run.stopped:
+        print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def main(argv=None):
@@ -861,8 +860,7 @@ def main(argv=None):
             decay = args.lr_decay_target_ratio ** (progress - state["lr_reset"])  # 1 -> target ratio over training
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
             g = torch.Generator().manual_seed(args.seed * 1000003 + step)
-            rays, target = sample_batch(data, pixels, args.batch_size, g)
-            u = torch.rand(len(rays), generator=g)
+            rays, target, u = sample_batch(data, pixels, args.batch_size, g)
             l1 = args.L1_weight_inital if not masks or step < masks[0] else args.L1_weight_rest
             mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1).cpu()
             state["sums"] += torch.stack([mse, torch.ones(())])
@@ -876,23 +874,14 @@ def main(argv=None):
             if step % args.i_weights == 0:
                 save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)
             if step % args.i_testset == 0 and step < args.N_iters and not run.over(state["seconds"]):
-                test = render_testset(model, data, args, os.path.join(expdir, f"testset_{step}"), step, device)
-                run.log({"step": step, "test_psnr": test["psnr"], "test_ssim": test["ssim"]},
-                        os.path.join(expdir, f"testset_{step}", data["test_names"][0] + ".png"))
+                render_testset(model, data, args, os.path.join(expdir, f"testset_{step}"), step, device, run)
             if step % args.i_video == 0 and step < args.N_iters and not run.over(state["seconds"]):
                 render_video(model, data, args, os.path.join(expdir, f"video_{step}"), device)
     save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, scene)
-    if run.stopped:
-        interrupted(step, ckpt_path)
-    final = finish(model, data, args, expdir, step, state["seconds"], device)
-    run.log({"step": step, "test_psnr": final["psnr"], "test_ssim": final["ssim"]},
-            os.path.join(expdir, f"testset_{step}", data["test_names"][0] + ".png"))
-    return final
+    interrupted(run, step, ckpt_path)
+    return finish(model, data, args, expdir, step, state["seconds"], device, run)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                                           # outside the training loop: nothing to save
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C outside the training loop: nothing to save, stop (status 130)
+    main()

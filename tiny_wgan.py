@@ -26,6 +26,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -464,8 +465,7 @@ def freeze(model, patterns):                                            # --free
     for name, p in model.named_parameters():
         p.requires_grad_(not any(fnmatch.fnmatch(name, pattern) for pattern in patterns))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if patterns:
-        print(f"frozen {sum(p.numel() for p in model.parameters()) - n_train:,} parameters, trainable {n_train:,}")
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) - n_train:,} frozen, {n_train:,} trainable")
     if n_train == 0:
         fail("every parameter is frozen", "--freeze", "match fewer parameters")
 
@@ -500,15 +500,13 @@ def make_expdir(args):                                                  # <based
 
 
 def download(url, path, md5=None):                                      # via path.part: only a whole, checked file
-    tmp, digest = path + ".part", hashlib.md5()
+    tmp = path + ".part"
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm(
-                total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True) as bar:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                bar.update(f.write(chunk))
-        if md5 and digest.hexdigest() != md5:
-            raise ValueError(f"md5 {digest.hexdigest()} is not the published {md5}")
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, tqdm.wrapattr(
+                r, "read", int(r.headers.get("Content-Length") or 0) or None) as source:  # a progress bar in bytes
+            shutil.copyfileobj(source, f, 1 << 20)
+        if md5 and (digest := hashlib.md5(pathlib.Path(tmp).read_bytes()).hexdigest()) != md5:
+            raise ValueError(f"md5 {digest} is not the published {md5}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -550,6 +548,8 @@ def resume(args, expdir, model, optimizers, state, data, device):
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
+    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+        fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
@@ -567,13 +567,12 @@ class Run:
     # A training run's metrics.jsonl (cut back to the checkpoint's step on resume) and TensorBoard; its progress bar,
     # whose total under --max_minutes is the step the budget ends at; within `with`, Ctrl-C and SIGTERM set `stopped`.
     def __init__(self, args, expdir, step, steps, seconds, flag):
-        self.path, self.board, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), None, False, {}
+        self.path, self.stopped, self.old = os.path.join(expdir, "metrics.jsonl"), False, {}
         old = pathlib.Path(self.path).read_text().splitlines() if step and os.path.exists(self.path) else []
         write_text(self.path, "".join(f"{line}\n" for line in old if line.endswith("}") and json.loads(line)["step"]
                                       <= step))                         # ("}": not a line cut short by a crash)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.board = SummaryWriter(expdir, purge_step=step)
+        self.board = (importlib.import_module("torch.utils.tensorboard").SummaryWriter(expdir, purge_step=step)
+                      if args.tensorboard else None)                    # an optional package: imported when asked for
         self.bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
         self.steps, self.budget = steps, (args.max_minutes or math.inf) * 60
         if step >= steps or seconds >= self.budget:
@@ -610,7 +609,7 @@ class Run:
 
     def catch(self, signum, frame):
         self.stopped = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)        # a second Ctrl-C stops at once
+        signal.signal(signal.SIGINT, self.old[signal.SIGINT])           # a second Ctrl-C: as before the run
 
     def __exit__(self, *exc):
         self.bar.close()
@@ -618,9 +617,10 @@ class Run:
             signal.signal(s, handler)
 
 
-def interrupted(step, path):                                            # after Ctrl-C: one line, exit status 130
-    print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
-    raise SystemExit(130)
+def interrupted(run, step, path):                                       # after Ctrl-C: one line, exit status 130
+    if run.stopped:
+        print(f"interrupted at step {step}: saved {path}; run the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def main(argv=None):
@@ -680,8 +680,7 @@ def main(argv=None):
                 state["sums"].zero_()
                 save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
     save_checkpoint(ckpt_path, raw, {"critic": opt_d, "generator": opt_g}, step, state, args, data)
-    if run.stopped:
-        interrupted(step, ckpt_path)
+    interrupted(run, step, ckpt_path)
 
     # the final samples and the critic's estimate on held-out images
     save_png(os.path.join(expdir, f"samples_{step}.png"), grid(generate(raw, fixed_z, args.batch_size), 8))
@@ -695,8 +694,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                                           # outside the training loop: nothing to save
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C outside the training loop: nothing to save, stop (status 130)
+    main()
