@@ -220,7 +220,7 @@ def mean_image_baseline(train, test):
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
     basedir = tmp_path_factory.mktemp("logs")
-    argv = ["--dataset", "shapes", "--basedir", str(basedir), "--epochs", "3", "--iw_samples", "20"]
+    argv = ["--dataset", "shapes", "--basedir", str(basedir), "--epochs", "2", "--iw_samples", "20"]
     return basedir, argv, tiny_vae.main(argv)
 
 
@@ -229,8 +229,9 @@ def test_cli_learns_shapes_and_writes_every_output(shapes_run, capsys):
     args = tiny_vae.parse_args(argv)
     train, _, test = tiny_vae.load_dataset(args)
     baseline = mean_image_baseline(train, test)                    # about 256 nats on shapes
-    # Trained 3 epochs (about 10 s), the conv VAE must explain most of what the mean image cannot:
-    # an untrained one sits near 784 log 2 = 543 nats, the mean-image model at the baseline.
+    # Trained 2 epochs (about 20 s on a 2-core AVX2 CPU; 81.5 nats there, 96 after one), the conv VAE must explain
+    # most of what the mean image cannot: an untrained one sits near 784 log 2 = 543 nats, the mean-image model at
+    # the baseline.
     assert final["test_nelbo"] < 0.5 * baseline, (final["test_nelbo"], baseline)
     assert final["iw_nll"] <= final["test_nelbo"] + 1.0
     assert final["active_units"] >= 4 and len(final["kl_per_dim"]) == 16
@@ -241,11 +242,11 @@ def test_cli_learns_shapes_and_writes_every_output(shapes_run, capsys):
         assert (expdir / name).exists(), name
     assert not [f for f in os.listdir(expdir) if ".tmp" in f]
     rows = [json.loads(line) for line in open(expdir / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["test_nelbo"] < rows[0]["test_nelbo"]
     assert iio.imread(expdir / f"recon_{step}.png").shape == (8 * 30 + 2, 8 * 30 + 2)
     assert iio.imread(expdir / f"interp_{step}.png").shape == (8 * 30 + 2, 10 * 30 + 2)
-    assert json.load(open(expdir / "args.json"))["epochs"] == 3
+    assert json.load(open(expdir / "args.json"))["epochs"] == 2
 
 
 def test_sample_only_writes_grid_and_array(shapes_run, capsys):
