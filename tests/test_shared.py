@@ -172,3 +172,13 @@ def test_the_bar_under_a_budget_ends_where_the_budget_does(tmp_path):
     with tiny_vae.Run(args, str(tmp_path), 0, 1234, 0.0, "--epochs") as run:
         run.advance(100, 10.0)
         assert run.bar.total == 1234                                     # no budget: the step count
+
+
+def test_a_checkpoint_whose_counters_have_other_shapes_is_a_one_line_error(tmp_path):
+    argv = quick("nerf", tmp_path)                                      # its counters: a (4,) tensor of sums
+    tiny_nerf.main(argv)
+    path = tmp_path / "logs" / "nerf_procedural" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state"]["sums"] = torch.zeros(3)                              # as tiny_nerf wrote them before issue 14
+    torch.save(ckpt, path)
+    assert "older version" in one_line_error(tiny_nerf.main, argv + ["--N_iters", "4"])
