@@ -546,8 +546,8 @@ def ray_cast(o, d):  # unit rays (..., 3) -> RGBA (..., 4) of the nearest hit: L
     return torch.cat([rgb.clamp(0, 1), best.isfinite().float()[..., None]], -1)
 
 
-def make_procedural(folder, size, views=(40, 4, 8)):  # in Blender format, 2x2 rays a pixel; cameras at radius 4,
-    # random (train, val) or on a ring (test)
+# The procedural scene in Blender format, 2x2 rays a pixel; cameras at radius 4, random (train, val) or on a ring (test)
+def make_procedural(folder, size, views=(40, 4, 8)):
     g, tmp, angle = torch.Generator().manual_seed(0), folder + ".tmp", 0.6911112070083618  # lego's camera_angle_x
     shutil.rmtree(tmp, ignore_errors=True)
     for split, n in zip(("train", "val", "test"), views):
