@@ -75,6 +75,8 @@ def get_parser():
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--iw_samples", type=pint, default=100, help="K, importance samples per test image for -log p(x)")
     g.add_argument("--sample_only", type=pint, default=None, metavar="N", help="write N prior samples and exit")
+    g.add_argument("--samples", default="mode", choices=["mode", "mean"], help="prior samples show the likeliest image "
+                   "under p(x|z) (Bernoulli: the pixels with p > 0.5; Gaussian: the mean) or the mean of p(x|z)")
     g.add_argument("--tensorboard", action="store_true", help="log to TensorBoard too (pip install tensorboard)")
     g = p.add_argument_group("run")
     g.add_argument("--basedir", default="logs", help="where experiment folders go")
@@ -145,7 +147,7 @@ class VAE(nn.Module):
         return nll.flatten(1).sum(1)
 
     def mean_image(self, out):
-        """Decoder output -> the mean of p(x|z) in [0, 1], what the sample grids show."""
+        """Decoder output -> the mean of p(x|z) in [0, 1], what reconstructions and interpolations show."""
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out.clamp(0, 1)
 
     def forward(self, x, eps, amp=False):
@@ -226,14 +228,15 @@ def iw_nll(model, images, k, device):
 
 
 @torch.no_grad()
-def prior_samples(model, n, seed, device):                              # means of p(x|z), z ~ N(0, I): (n, C, H, W)
+def prior_samples(model, n, seed, device, kind):  # z ~ N(0, I) by seed -> the mode or the mean of p(x|z) (n, C, H, W)
     z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    return model.mean_image(model.decode(z))
+    mean = model.mean_image(model.decode(z))
+    return (mean > 0.5).float() if kind == "mode" and model.likelihood == "bernoulli" else mean
 
 
 @torch.no_grad()
-def write_pictures(model, test, expdir, step, device):                  # samples_, recon_, interp_<step>.png
-    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(prior_samples(model, 64, 0, device), 8))  # fixed z
+def write_pictures(model, test, expdir, step, device, kind):            # samples_, recon_, interp_<step>.png
+    save_png(os.path.join(expdir, f"samples_{step}.png"), grid(prior_samples(model, 64, 0, device, kind), 8))  # fixed z
     cols = min(8, len(test))                                            # recon: up to 4 rows of 8 test images,
     rows = min(4, len(test) // cols)                                    # each above its reconstruction from z = mu
     x = to_float(test[:rows * cols]).to(device)
@@ -247,13 +250,13 @@ def write_pictures(model, test, expdir, step, device):                  # sample
     save_png(os.path.join(expdir, f"interp_{step}.png"), grid(model.mean_image(model.decode(z.flatten(0, 1))), 10))
 
 
-def sample_only(args, device, expdir):  # --sample_only N: the means of p(x|z) for N draws z ~ N(0, I), not draws of x
+def sample_only(args, device, expdir):  # --sample_only N: the modes (or means) of p(x|z) for N draws z, not draws of x
     path = args.ckpt or os.path.join(expdir, "best.pt" if os.path.exists(f"{expdir}/best.pt") else "ckpt.pt")
     ckpt = load_checkpoint(path, device)
     model = VAE(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
-    write_samples(expdir, prior_samples(model, args.sample_only, args.seed, device))
-    print(f"wrote {args.sample_only} samples from {path} to {expdir}/samples.png and samples.npy")
+    write_samples(expdir, prior_samples(model, args.sample_only, args.seed, device, args.samples))
+    print(f"wrote {args.sample_only} samples ({args.samples}s of p(x|z)) from {path} to {expdir}/samples.png and .npy")
     return {"samples": args.sample_only, "ckpt": path}
 
 
@@ -610,8 +613,7 @@ def main(argv=None):
     freeze(raw, args.freeze)
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
-    print(f"{len(train)} train / {len(val)} val / {len(test)} test images of {tuple(train.shape[1:])}, "
-          f"{device}")
+    print(f"{len(train)} train / {len(val)} val / {len(test)} test images of {tuple(train.shape[1:])}, {device}")
 
     # train: shuffled epochs, each (and the run, when its time is up) ended by an evaluation and a checkpoint
     per_epoch, order, ckpt_path = math.ceil(len(train) / args.batch_size), None, os.path.join(expdir, "ckpt.pt")
@@ -635,7 +637,7 @@ def main(argv=None):
                      "train_rec": rec / n, "train_kl": kl / n, "val_nelbo": val_nelbo, "test_nelbo": test_nelbo,
                      "test_rec": test_rec, "test_kl": test_kl, "lr": opt.param_groups[0]["lr"],
                      "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(state["seconds"], 2)},
-                    grid(prior_samples(raw, 64, 0, device), 8) if args.tensorboard else None)
+                    grid(prior_samples(raw, 64, 0, device, args.samples), 8) if args.tensorboard else None)
             run.advance(step, state["seconds"], train=f"{(rec + kl) / n:.1f}", val=f"{val_nelbo:.1f}")
             state["sums"] = [0.0, 0.0, 0, 0.0]
             if val_nelbo < state["best_val"]:                           # model selection on validation, never test
@@ -653,7 +655,7 @@ def main(argv=None):
     final = {"step": step, "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl,
              "iw_nll": iw_nll(raw, test, args.iw_samples, device), "iw_samples": args.iw_samples,
              "active_units": active, "kl_per_dim": kl_dims, "train_seconds": round(state["seconds"], 2)}
-    write_pictures(raw, test, expdir, step, device)
+    write_pictures(raw, test, expdir, step, device, args.samples)
     write_text(os.path.join(expdir, "final.json"), json.dumps(final, indent=1))
     print(f"KL per latent dim (nats): {' '.join(f'{v:.2f}' for v in kl_dims)}; active units {active}/{raw.latent_dim}")
     print(f"test -ELBO {test_nelbo:.1f} nats | IW-NLL (K={args.iw_samples}) {final['iw_nll']:.1f} nats")

@@ -251,10 +251,15 @@ def test_cli_learns_shapes_and_writes_every_output(shapes_run, capsys):
 
 def test_sample_only_writes_grid_and_array(shapes_run, capsys):
     basedir, argv, _ = shapes_run
-    tiny_vae.main(argv + ["--sample_only", "10"])
-    samples = np.load(basedir / "vae_shapes_conv" / "samples.npy")
-    assert samples.shape == (10, 28, 28) and samples.dtype == np.uint8 and samples.max() > 128
-    assert (basedir / "vae_shapes_conv" / "samples.png").exists()
+    expdir = basedir / "vae_shapes_conv"
+    tiny_vae.main(argv + ["--sample_only", "10", "--samples", "mean"])
+    means = np.load(expdir / "samples.npy")
+    assert means.shape == (10, 28, 28) and means.dtype == np.uint8 and means.max() > 128
+    assert ((means > 0) & (means < 255)).mean() > 0.01                  # grey edges: the means of p(x|z)
+    tiny_vae.main(argv + ["--sample_only", "10"])                       # the default: the same z, their modes
+    modes = np.load(expdir / "samples.npy")
+    assert set(np.unique(modes)) <= {0, 255} and ((means >= 128) == (modes == 255)).mean() > 0.999
+    assert (expdir / "samples.png").exists() and "10 samples (modes of p(x|z))" in capsys.readouterr().out
 
 
 def test_summary_is_the_last_line(tmp_path, capsys):
