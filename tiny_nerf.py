@@ -141,9 +141,8 @@ class MLP(nn.Module):
             self.rgb_linear = nn.Linear(width // 2, 3)
         else:
             self.output_linear = nn.Linear(width, 4)
-        # a thin fog to start from: with PyTorch's default init the density is <= 0 at every point for about 30% of
-        # networks (40 seeds each at widths 128 and 256), and behind the ReLU such a network never gets a gradient
-        nn.init.constant_(self.alpha_linear.bias if use_viewdirs else self.output_linear.bias[3:], 0.1)
+        # a thin fog to start from: sigma = softplus(-2.25) = 0.1 where the features are 0
+        nn.init.constant_(self.alpha_linear.bias if use_viewdirs else self.output_linear.bias[3:], -2.25)
 
     def forward(self, x, d):
         """x (P, in_pts) encoded points, d (P, in_views) encoded directions -> raw (P, 4): rgb logits, density."""
@@ -202,7 +201,9 @@ def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
     delta = torch.cat([z[:, 1:], end], -1) - z                          # delta_i = t_{i+1} - t_i
     delta = delta * rays_d.norm(dim=-1, keepdim=True)                   # in world units: |d| need not be 1
     noise = torch.randn_like(z) * raw_noise_std if raw_noise_std > 0 else 0.0  # a regulariser (reference code)
-    sigma = F.relu(raw[..., 3] + noise)                                 # sigma >= 0
+    # sigma = softplus(raw), not the reference's ReLU: a network whose raw density falls below 0 everywhere (early, on
+    # a small object on white) renders the empty scene and behind a ReLU never gets a gradient again; softplus has one
+    sigma = F.softplus(raw[..., 3] + noise)                             # sigma > 0
     alpha = 1 - torch.exp(-sigma * delta)                               # alpha_i = 1 - exp(-sigma_i delta_i)
     T = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha + 1e-10], -1), -1)  # prod_{j<i}(1 - a_j)
     weights = alpha * T[:, :-1]                                         # w_i = T_i alpha_i   (N, S)
