@@ -198,8 +198,7 @@ def raw2outputs(raw, z, rays_d, raw_noise_std=0.0, white_bkgd=False):
     # the last interval: to FAR on a white background, which lies beyond; else infinite, the last sample opaque (the
     # reference's 1e10, which on white makes any density there paint the background: it learns to kill all density)
     end = torch.full_like(z[:, :1], FAR if white_bkgd else 1e10)
-    delta = torch.cat([z[:, 1:], end], -1) - z                          # delta_i = t_{i+1} - t_i
-    delta = delta * rays_d.norm(dim=-1, keepdim=True)                   # in world units: |d| need not be 1
+    delta = (torch.cat([z[:, 1:], end], -1) - z) * rays_d.norm(dim=-1, keepdim=True)  # delta_i = (t_{i+1} - t_i) |d|
     noise = torch.randn_like(z) * raw_noise_std if raw_noise_std > 0 else 0.0  # a regulariser (reference code)
     # sigma = softplus(raw), not the reference's ReLU: a network whose raw density falls below 0 everywhere (early, on
     # a small object on white) renders the empty scene and behind a ReLU never gets a gradient again; softplus has one
@@ -218,8 +217,7 @@ def sample_pdf(bins, weights, n, u=None):
     """n samples per ray by inverse transform sampling (sec. 5.2) of the piecewise-constant pdf on edges bins (N, B + 1)
     and weights (N, B); u (N, n) uniforms, or None: (i + 0.5) / n (the reference's linspace hits edges). -> (N, n)"""
     w = weights + 1e-5                                                  # no empty pdf (reference code)
-    cdf = torch.cumsum(w / w.sum(-1, keepdim=True), -1)
-    cdf = torch.cat([torch.zeros_like(cdf[:, :1]), cdf], -1)            # (N, B + 1), 0 ... 1
+    cdf = F.pad(torch.cumsum(w / w.sum(-1, keepdim=True), -1), (1, 0))  # (N, B + 1), 0 ... 1
     u = ((torch.arange(n, device=bins.device) + 0.5) / n).expand(len(bins), n) if u is None else u  # quantiles
     idx = torch.searchsorted(cdf, u.contiguous(), right=True)           # cdf[idx - 1] <= u < cdf[idx]
     lo, hi = (idx - 1).clamp(min=0), idx.clamp(max=cdf.shape[-1] - 1)
