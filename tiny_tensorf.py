@@ -182,11 +182,10 @@ def vm_sample(planes, lines, x):
     return torch.cat(out, 1)
 
 
-def vm_dense(planes, lines, summed=True):
-    """The tensor at the vertices, summed (X, Y, Z) or per component (3 C, X, Y, Z); vm_sample is trilinear in it."""
-    spec = ("jic,kc", "kic,jc", "kjc,ic")                               # M^XY(x, y) v^Z(z), M^XZ v^Y, M^YZ v^X
-    out = [torch.einsum(f"{s}->{'' if summed else 'c'}ijk", p, l_) for s, p, l_ in zip(spec, planes, lines)]
-    return sum(out) if summed else torch.cat(out)
+def vm_dense(planes, lines):
+    """The tensor at the vertices (X, Y, Z), summed over pairs and components; vm_sample is trilinear in it."""
+    spec = ("jic,kc->ijk", "kic,jc->ijk", "kjc,ic->ijk")                # M^XY(x, y) v^Z(z), M^XZ v^Y, M^YZ v^X
+    return sum(torch.einsum(s, p, l_) for s, p, l_ in zip(spec, planes, lines))
 
 
 def encode(x, L):

@@ -39,6 +39,14 @@ def dense_at(model, points):
     return F.grid_sample(volume.permute(2, 1, 0)[None, None], grid, align_corners=True).view(-1)
 
 
+def components(planes, lines):
+    """Every pair's and component's M_r(u, v) v_r(w) at the vertices, by broadcasting: (3 C, X, Y, Z)."""
+    xy, xz, yz = (p.permute(2, 1, 0) for p in planes)                   # (C, X, Y), (C, X, Z), (C, Y, Z)
+    z, y, x = (l_.t() for l_ in lines)                                  # the lines along z, y, x: (C, R)
+    return torch.cat([xy[..., None] * z[:, None, None], xz[:, :, None] * y[:, None, :, None],
+                      yz[:, None] * x[:, :, None, None]])
+
+
 @pytest.fixture(scope="module")
 def datadir(tmp_path_factory):
     """A data root holding the procedural scene at 32 pixels, generated once."""
@@ -61,14 +69,15 @@ def test_vm_field_equals_trilinear_sampling_of_the_dense_tensor():
     points = (torch.rand(500, 3) * 2 - 1) * 1.5
     assert torch.allclose(field(model, points), dense_at(model, points), atol=1e-5)
     # every component, and the appearance grids alike: (3 C, X, Y, Z) against vm_sample's (P, 3 C)
-    full = tiny_tensorf.vm_dense(model.app_planes, model.app_lines, summed=False)
+    full = components(model.app_planes, model.app_lines)
     grid = model.normalize(points).view(1, -1, 1, 1, 3)
     want = F.grid_sample(full.permute(0, 3, 2, 1)[None], grid, align_corners=True).view(6, -1).t()
     assert torch.allclose(tiny_tensorf.vm_sample(model.app_planes, model.app_lines, model.normalize(points)), want, atol=1e-5)
     # at a grid vertex the field is the sum over pairs and components of plane entry times line entry
     i, j, k = 2, 4, 1
     p, l_ = model.density_planes, model.density_lines
-    by_hand = sum(tiny_tensorf.vm_dense(p, l_, summed=False)[:, i, j, k])
+    assert torch.allclose(tiny_tensorf.vm_dense(p, l_), components(p, l_).sum(0), atol=1e-5)
+    by_hand = sum(components(p, l_)[:, i, j, k])
     assert torch.allclose(field(model, torch.stack([vertices(model, a)[n] for a, n in enumerate((i, j, k))])[None]),
                           by_hand, atol=1e-5)
 
