@@ -197,8 +197,7 @@ def train_step(model, opt, x, beta, amp=False):
 def evaluate(model, images, device, batch_size=500):
     """-> (-ELBO, E_q[-log p(x|z)], KL) in nats per image, one z per image from a fixed eps so that epochs compare."""
     g, total = torch.Generator().manual_seed(0), torch.zeros(2)
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size]).to(device)
+    for x in to_float(images).to(device).split(batch_size):
         total += model(x, torch.randn(len(x), model.latent_dim, generator=g).to(device)).sum(0).cpu()
     rec, kl = (total / len(images)).tolist()
     return rec + kl, rec, kl
@@ -218,8 +217,7 @@ def iw_nll(model, images, k, device):
     # an upper bound on the true NLL that tightens as K grows
     g, total, tic = torch.Generator().manual_seed(0), 0.0, time.time()
     per_step = max(1, 4096 // k)                                        # images per decoder call of <= 4096 z
-    for i in range(0, len(images), per_step):
-        x = to_float(images[i:i + per_step]).to(device)
+    for i, x in enumerate(to_float(images).to(device).split(per_step)):
         log_w = log_importance_weights(model, x, torch.randn(k, len(x), model.latent_dim, generator=g).to(device))
         total += -(torch.logsumexp(log_w, 0) - math.log(k)).sum().item()  # log_w: (K, B)
         if i == 0:                                                      # after the first batch: the time it will take
