@@ -642,8 +642,7 @@ def main(argv=None):
                 state["best_val"] = val_nelbo
                 save_checkpoint(os.path.join(expdir, "best.pt"), raw, {"adam": opt}, step, state, args, data)
             save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, data)
-    if run.stopped:                                                     # mid-epoch: the sums so far are saved too
-        save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, data)
+    save_checkpoint(ckpt_path, raw, {"adam": opt}, step, state, args, data)  # as tiny_wgan: also mid-epoch, on Ctrl-C
     interrupted(run, step, ckpt_path)
 
     # the final figures, from the best checkpoint
