@@ -110,7 +110,7 @@ def check_args(args):
     if args.gp and args.critic_norm == "batch":
         fail("batch norm makes each critic output depend on the whole batch, so the per-sample gradient penalty "
              "is wrong", "--critic_norm", "use layer or none with --gp (Gulrajani et al. sec. 4)")
-    if args.image_size < 8 or args.image_size & (args.image_size - 1) or args.image_size % 4:
+    if args.image_size < 8 or args.image_size & (args.image_size - 1):  # a power of two from 8 is 4 x one
         fail(f"must be 4 x a power of two (8, 16, 32, 64, ...), got {args.image_size}", "--image_size", "e.g. 32")
     args.expname = args.expname or f"wgan{'_gp' if args.gp else ''}_{args.dataset}"
     return args
@@ -173,13 +173,6 @@ def gradient_penalty(critic, real, fake, alpha, lam):
     return lam * (norm - 1) ** 2, norm
 
 
-def clip_weights(critic, c):
-    """w <- clip(w, -c, c) for every critic parameter (WGAN algorithm 1, line 7): after the step."""
-    with torch.no_grad():
-        for p in critic.parameters():
-            p.clamp_(-c, c)
-
-
 # ---------------------------------------------------------------- training
 def critic_step(model, opt, real, lam=None, clip=None):
     """One critic step on real images (B, C, S, S): minimise E[f(G(z))] - E[f(x)] (+ penalty), then clip."""
@@ -195,8 +188,10 @@ def critic_step(model, opt, real, lam=None, clip=None):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if clip is not None:
-        clip_weights(raw.critic, clip)
+    if clip is not None:                                                # after the step (WGAN algorithm 1, line 7)
+        with torch.no_grad():
+            for p in raw.critic.parameters():
+                p.clamp_(-clip, clip)                                  # w <- clip(w, -c, c)
     norm = sums[3] if lam is not None else torch.full_like(w, math.nan)  # on the device of the loss
     return torch.stack([w.detach(), loss.detach(), norm.detach()])     # -> per image: W estimate, loss, gradient norm
 
