@@ -177,7 +177,7 @@ class NeRF(nn.Module):
     def query(self, mlp, pts, viewdirs):
         """pts (N, S, 3), viewdirs (N, 3) -> raw (N, S, 4) in float32; netchunk points at a time, bfloat16 with amp."""
         p, v = pts.reshape(-1, 3), viewdirs[:, None].expand(pts.shape).reshape(-1, 3)
-        with torch.autocast(pts.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast("cuda" if pts.is_cuda else "cpu", dtype=torch.bfloat16, enabled=self.amp):
             raw = [mlp(positional_encoding(a, self.multires), positional_encoding(b, self.multires_views))
                    for a, b in zip(p.split(self.netchunk), v.split(self.netchunk))]
         return torch.cat(raw).float().view(*pts.shape[:-1], 4)
@@ -565,6 +565,8 @@ def pick_devices(args):                                                 # -> dev
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
     torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
+    torch.backends.cuda.matmul.allow_tf32 = True                        # TF32 matmuls (Ampere+), cuDNN's fastest
+    torch.backends.cudnn.benchmark = True                               # convolutions: results vary in the last bits
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 

@@ -645,6 +645,8 @@ def pick_devices(args):                                                 # -> dev
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
     torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
+    torch.backends.cuda.matmul.allow_tf32 = True                        # TF32 matmuls (Ampere+), cuDNN's fastest
+    torch.backends.cudnn.benchmark = True                               # convolutions: results vary in the last bits
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 

@@ -152,8 +152,9 @@ class VAE(nn.Module):
 
     def forward(self, x, eps, amp=False):
         """x (B, C, H, W) in [0, 1], eps (B, latent_dim) ~ N(0, I) -> (1, 2): summed -log p(x|z) and KL."""
-        # eps is drawn by the caller, so that the result does not depend on how the batch is split; amp: bfloat16 nets
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):  # here: in each replica's thread
+        # eps is drawn by the caller, so that the result does not depend on how the batch is split; amp: bfloat16 nets,
+        # autocast entered here, in each replica's thread (DataParallel's threads would re-enter it as float16 on CUDA)
+        with torch.autocast("cuda" if x.is_cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
             mu, logvar = self.encode(x)
             z = mu + (0.5 * logvar).exp() * eps                         # z = mu + sigma * eps   (K&W eq. 10)
             rec = self.nll(x, self.decode(z))                           # (B,)
@@ -180,7 +181,7 @@ def log_importance_weights(model, x, eps):
 # ---------------------------------------------------------------- training
 def train_step(model, opt, x, beta, amp=False):
     """One Adam step on a batch x (B, C, H, W) in [0, 1]. -> tensor (-log p(x|z), KL) per image."""
-    raw = model.module if isinstance(model, nn.DataParallel) else model
+    raw = getattr(model, "module", model)
     eps = torch.randn(len(x), raw.latent_dim, device=x.device)
     rec, kl = model(x, eps, amp).sum(0) / len(x)                        # sum over replicas / global count
     loss = rec + beta * kl                                              # -ELBO (beta = 1), nats per image
@@ -425,6 +426,8 @@ def pick_devices(args):                                                 # -> dev
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
     torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
+    torch.backends.cuda.matmul.allow_tf32 = True                        # TF32 matmuls (Ampere+), cuDNN's fastest
+    torch.backends.cudnn.benchmark = True                               # convolutions: results vary in the last bits
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 

@@ -176,7 +176,7 @@ def gradient_penalty(critic, real, fake, alpha, lam):
 # ---------------------------------------------------------------- training
 def critic_step(model, opt, real, lam=None, clip=None):
     """One critic step on real images (B, C, S, S): minimise E[f(G(z))] - E[f(x)] (+ penalty), then clip."""
-    raw = model.module if isinstance(model, nn.DataParallel) else model
+    raw = getattr(model, "module", model)
     with torch.no_grad():                                              # fakes made here: the split does not matter
         fake = raw.generator(torch.randn(len(real), raw.nz, device=real.device))
     alpha = torch.rand(len(real), 1, 1, 1, device=real.device)        # one weight per sample, not per pixel
@@ -198,7 +198,7 @@ def critic_step(model, opt, real, lam=None, clip=None):
 
 def generator_step(model, opt, b, device):
     """One generator step on b noise vectors: minimise -E[f(G(z))], the critic held fixed. -> the loss, a tensor."""
-    raw = model.module if isinstance(model, nn.DataParallel) else model
+    raw = getattr(model, "module", model)
     loss = -model(z=torch.randn(b, raw.nz, device=device)).sum() / b   # -E[f(G(z))]   (WGAN alg. 1, line 10)
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=[p for p in raw.generator.parameters() if p.requires_grad])  # none for the critic's weights
@@ -450,6 +450,8 @@ def pick_devices(args):                                                 # -> dev
         fail(f"{n} CUDA GPUs visible, asked for {args.gpus or name}", "--gpus" if args.gpus else "--device",
              "list GPUs that exist, or use --device cpu")
     torch.cuda.set_device(int(gpus[0]))                                 # the model sits on the first
+    torch.backends.cuda.matmul.allow_tf32 = True                        # TF32 matmuls (Ampere+), cuDNN's fastest
+    torch.backends.cudnn.benchmark = True                               # convolutions: results vary in the last bits
     return torch.device("cuda", int(gpus[0])), [int(i) for i in gpus]
 
 

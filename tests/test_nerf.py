@@ -1,6 +1,6 @@
 """Tests of tiny_nerf.py: rays, volume rendering, hierarchical sampling and the encoding against hand-computed
-answers, the loss module's independence of the GPU split, and the CLI end to end on the procedural scene,
-resumed, and fed bad input. Run: pytest tests/"""
+answers, and the CLI end to end on the procedural scene, resumed, and fed bad input (the loss module under
+DataParallel: tests/test_gpu_paths.py). Run: pytest tests/"""
 import json
 import math
 import os
@@ -144,27 +144,6 @@ def test_positional_encoding_sizes_and_values():
     mlp = tiny_nerf.NeRF().coarse                                       # the reference sizes: 63 in, 63 again at layer 5
     assert mlp.pts_linears[0].in_features == 63 and mlp.pts_linears[5].in_features == 256 + 63
     assert mlp.views_linears[0].in_features == 256 + 27 and len(mlp.pts_linears) == 8
-
-
-def test_loss_does_not_depend_on_how_the_batch_is_split():
-    torch.manual_seed(0)
-    nerf = tiny_nerf.NeRF(3, 16, 3, 16, 4, 2)
-    nerf.N_samples, nerf.N_importance = 8, 8
-    n = 8
-    rays = torch.cat([torch.tensor([0.0, 0, 4]).expand(n, 3), torch.randn(n, 3) * 0.2 + torch.tensor([0, 0, -1.0])], -1)
-    target, u = torch.rand(n, 3), torch.rand(n, 16)
-
-    def loss_and_grads(chunks):
-        nerf.zero_grad()
-        terms = torch.cat([nerf(rays[a:b], target[a:b], u[a:b]) for a, b in chunks])  # what DataParallel gathers
-        loss = (terms.sum(0) / target.numel()).sum()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in nerf.parameters()]
-
-    whole, g_whole = loss_and_grads([(0, 8)])
-    split, g_split = loss_and_grads([(0, 3), (3, 5), (5, 8)])
-    assert torch.allclose(whole, split, rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_whole, g_split))
 
 
 def test_every_freshly_built_network_starts_as_a_thin_fog():

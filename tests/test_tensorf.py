@@ -1,6 +1,6 @@
 """Tests of tiny_tensorf.py: the VM field against the dense tensor it factorises, upsampling, the alpha mask and
-the shrunk box, the colour MLP's width, the loss module's independence of the GPU split, and the CLI end to end
-on the procedural scene, resumed across an upsampling, and fed bad input. Run: pytest tests/"""
+the shrunk box, the colour MLP's width, and the CLI end to end on the procedural scene, resumed across an
+upsampling, and fed bad input. Run: pytest tests/"""
 import json
 import os
 import signal
@@ -53,13 +53,6 @@ def datadir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     tiny_tensorf.make_procedural(str(root / "nerf_synthetic" / "procedural_32"), 32)
     return root
-
-
-def random_rays(n, seed=0):
-    """Rays from a sphere of radius 4 towards points near the origin: most cross the box [-1.5, 1.5]^3."""
-    g = torch.Generator().manual_seed(seed)
-    o = F.normalize(torch.randn(n, 3, generator=g), dim=-1) * 4
-    return torch.cat([o, torch.rand(n, 3, generator=g) - 0.5 - o], -1)
 
 
 # ---------------------------------------------------------------- math
@@ -164,19 +157,6 @@ def test_colour_mlp_is_150_wide_in_the_reference_configuration():
     assert [p.shape[-1] for p in model.density_planes] == [16] * 3 and [p.shape[-1] for p in model.app_lines] == [48] * 3
     x = torch.rand(10, 3) * 2 - 1
     assert model.color(x, F.normalize(torch.randn(10, 3), dim=-1)).shape == (10, 3)
-
-
-def test_loss_does_not_depend_on_how_the_batch_is_split():
-    torch.manual_seed(0)
-    model = tiny_tensorf.TensorVM((16, 16, 16), n_lamb_sigma=4, n_lamb_sh=4, density_shift=0.0)  # dense: real weights
-    cube_density(model, 1.0, 3.0)
-    model.update_alpha_mask()
-    rays, target, u = random_rays(64), torch.rand(64, 3), torch.rand(64)
-    whole = model(rays, target, u).sum()
-    halves = model(rays[:20], target[:20], u[:20]).sum() + model(rays[20:], target[20:], u[20:]).sum()
-    assert torch.allclose(whole, halves, rtol=1e-5) and whole > 0
-    maps = model(rays)
-    assert torch.allclose(torch.cat([model(rays[:20]), model(rays[20:])]), maps, atol=1e-6)
 
 
 # ---------------------------------------------------------------- command line

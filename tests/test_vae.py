@@ -88,23 +88,6 @@ def test_iw_with_one_sample_is_the_elbo_and_more_samples_are_tighter():
     assert iw50 < iw1 - 0.1                        # log-mean-exp over K > 1 is tighter (Burda et al. thm 1)
 
 
-def test_loss_does_not_depend_on_how_the_batch_is_split():
-    model = small_vae()
-    x, eps = torch.rand(8, 1, 28, 28), torch.randn(8, 4)
-
-    def loss_and_grads(chunks):
-        model.zero_grad()
-        terms = torch.cat([model(x[a:b], eps[a:b]) for a, b in chunks])  # what DataParallel gathers
-        loss = terms.sum(0).sum() / len(x)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    whole, g_whole = loss_and_grads([(0, 8)])
-    split, g_split = loss_and_grads([(0, 3), (3, 5), (5, 8)])
-    assert torch.allclose(whole, split, rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_whole, g_split))
-
-
 # ---------------------------------------------------------------- data
 @pytest.mark.parametrize("name,code,dtype", [("a.idx.gz", 0x08, np.uint8), ("b.idx", 0x0C, np.int32),
                                              ("c.idx", 0x0D, np.float32)])
