@@ -332,7 +332,7 @@ def finish(model, data, args, outdir, step, seconds, device, run=None):  # test 
 
 
 def render_only(args, data, device, gpus, expdir, model_class):  # outputs of a checkpoint in render_only_<step>/
-    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"), device)
+    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"))
     raw = model_class(**ckpt["model_args"]).to(device)
     raw.load_state_dict(ckpt["model"])
     for key in RENDER_OPTIONS:
@@ -498,21 +498,21 @@ def load_scene(args):  # --scene -> load_blender's dict, the scene generated or 
 
 
 def sample_batch(data, step, args, g):
-    """N_rand rays (N, 6), colours (N, 3), u as in NeRF.forward, drawn with g: pixels of one random image (reference
-    Blender default) or of all (--use_batching), from the centre until precrop_iters lest the white background win."""
+    """N_rand rays (N, 6), colours (N, 3), u as in NeRF.forward, drawn by g on its device: pixels of one random image
+    (the reference's Blender default) or of all (--use_batching), central until precrop_iters lest white win."""
     n, H, W = data["images"].shape[:3]
     y0, x0, h, w = 0, 0, H, W
     if step < args.precrop_iters:                                       # the centre crop
         dh, dw = max(1, int(H // 2 * args.precrop_frac)), max(1, int(W // 2 * args.precrop_frac))
         y0, x0, h, w = H // 2 - dh, W // 2 - dw, 2 * dh, 2 * dw
     if args.use_batching:
-        k = torch.randint(n * h * w, (args.N_rand,), generator=g)
+        k = torch.randint(n * h * w, (args.N_rand,), generator=g, device=g.device)
         img = k // (h * w)
     else:
-        k = torch.randperm(h * w, generator=g)[:args.N_rand]
-        img = torch.randint(n, (), generator=g).expand(len(k))
+        k = torch.randperm(h * w, generator=g, device=g.device)[:args.N_rand]
+        img = torch.randint(n, (), generator=g, device=g.device).expand(len(k))
     ys, xs = y0 + k // w % h, x0 + k % w
-    u = torch.rand(len(k), args.N_samples + args.N_importance, generator=g) if args.perturb > 0 else None
+    u = torch.rand(len(k), args.N_samples + args.N_importance, generator=g, device=g.device) if args.perturb else None
     return torch.cat(get_rays(H, W, data["focal"], data["poses"][img], ys, xs), -1), data["images"][img, ys, xs], u
 
 
@@ -637,11 +637,11 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):  # one la
         "data": data}, p))
 
 
-def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
+def load_checkpoint(path):  # a checkpoint this script wrote, or an error; on the CPU (optimizers move their state)
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                              # many types for a foreign or damaged file
         fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
@@ -655,22 +655,22 @@ def resume(args, expdir, model, optimizers, state, data, device):
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
-    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    ckpt, fix = load_checkpoint(path), "use its flags, --no_reload to start afresh, or another --expname"
     if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
-    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+    if any(torch.is_tensor(v) and v.shape != getattr(ckpt["state"].get(k, v), "shape", 0) for k, v in state.items()):
         fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
         opt.load_state_dict(ckpt["optimizers"][key])
     model.load_state_dict(ckpt["model"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    torch.set_rng_state(ckpt["rng"]["cpu"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # sums: device
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -755,27 +755,29 @@ def main(argv=None):
     for key in RENDER_OPTIONS:
         setattr(raw, key, getattr(args, key))
     opt = torch.optim.Adam(raw.parameters(), lr=args.lrate, fused=True)  # fused: one kernel for all parameters
-    state = {"seconds": 0.0, "sums": torch.zeros(4 if raw.fine is not None else 3)}  # MSE per network, opacity, steps
+    # sums since the last log line: MSE per network, opacity, steps
+    state = {"seconds": 0.0, "sums": torch.zeros(4 if raw.fine is not None else 3, device=device)}
     scene = fingerprint(f"{args.scene}, {len(data['images'])} views", data["images"], data["poses"])
     step = resume(args, expdir, raw, {"adam": opt}, state, scene, device)
     freeze(raw, args.freeze)
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
+    data["images"], data["poses"] = data["images"].to(device), data["poses"].to(device)  # drawn from on the device
 
-    # train: a step's rays and uniforms depend on (seed, step) only, so a resumed run is the same run
+    # train: a step's rays and uniforms depend on (seed, step) only, so a resumed run is the same run; no step waits
+    # for the device but to check the loss (log lines: the means since the last one)
     start, ckpt_path = time.time() - state["seconds"], os.path.join(expdir, "ckpt.pt")
     with Run(args, expdir, step, args.N_iters, state["seconds"], "--N_iters") as run:
         while step < args.N_iters and not run.over(state["seconds"]):
             opt.param_groups[0]["lr"] = args.lrate * 0.1 ** (step / (args.lrate_decay * 1000))  # one Adam group
-            g = torch.Generator().manual_seed(args.seed * 1000003 + step)
-            rays, target, u = sample_batch(data, step, args, g)
-            # the MSE of each network (fine first), then the mean opacity of the rays
-            mse = train_step(model, opt, rays.to(device), target.to(device), u if u is None else u.to(device)).cpu()
-            state["sums"] += torch.cat([mse, torch.ones(1)])
+            g = torch.Generator(device).manual_seed(args.seed * 1000003 + step)
+            # the MSE of each network (fine first), then the mean opacity of the rays, and 1 (a step)
+            state["sums"] += F.pad(train_step(model, opt, *sample_batch(data, step, args, g)), (0, 1), value=1.0)
             step, state["seconds"] = step + 1, time.time() - start
-            run.advance(step, state["seconds"], psnr=f"{mse2psnr(mse[0]):.2f}")
+            run.advance(step, state["seconds"])
             if step % args.i_print == 0 or step == args.N_iters:
-                m = state["sums"][:-1] / state["sums"][-1]                # MSE per network, opacity
+                m = (state["sums"][:-1] / state["sums"][-1]).cpu()      # MSE per network, opacity
+                run.bar.set_postfix(psnr=f"{mse2psnr(m[0]):.2f}", refresh=False)
                 if m[-1] == 0:                                          # density 0 everywhere: no gradient either
                     fail(f"every ray rendered empty for {state['sums'][-1]:.0f} steps: a dead network", f"step {step}",
                          "start afresh (--no_reload) with a lower --lrate, a longer --precrop_iters or another --seed")

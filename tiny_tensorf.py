@@ -225,9 +225,6 @@ class TensorVM(nn.Module):
     def units(self):                                                    # voxel size along x, y, z
         return (self.aabb[1] - self.aabb[0]) / (torch.tensor(self.reso(), device=self.aabb.device) - 1)
 
-    def step_size(self):                                                # ray-marching step: step_ratio voxels
-        return self.units().mean().item() * self.step_ratio
-
     def normalize(self, x):                                             # world -> [-1, 1]^3 over the box
         return (x - self.aabb[0]) / (self.aabb[1] - self.aabb[0]) * 2 - 1
 
@@ -250,7 +247,7 @@ class TensorVM(nn.Module):
         shifted by u (N,) in training; density where the alpha mask is on, colour where w_i > rm_weight_mask_thre."""
         o, d = rays[:, :3], F.normalize(rays[:, 3:6], dim=-1)
         near, far = ray_box(o, d, self.aabb)
-        step = self.step_size()
+        step = self.units().mean().item() * self.step_ratio             # step_ratio voxels
         S = max(1, int((far - near).max().item() / step) + 1)          # enough samples for the longest chord
         z = near[:, None] + step * (torch.arange(S, device=rays.device) + (0.0 if u is None else u[:, None]))  # (N, S)
         idx = torch.nonzero((z < far[:, None]).view(-1))[:, 0]          # samples inside the box, flat indices
@@ -299,7 +296,7 @@ class TensorVM(nn.Module):
     def update_alpha_mask(self):
         """Alpha of every vertex from the dense grid (an einsum: cheap), dilated by a voxel -> share of voxels kept."""
         sigma = F.softplus(vm_dense(self.density_planes, self.density_lines) + self.density_shift)
-        alpha = 1 - torch.exp(-sigma * self.step_size() * self.distance_scale)
+        alpha = 1 - torch.exp(-sigma * self.units().mean() * self.step_ratio * self.distance_scale)  # at the step
         self.alpha_mask = F.max_pool3d(alpha[None, None], 3, stride=1, padding=1)[0, 0] >= self.alpha_mask_thre
         return self.alpha_mask.float().mean().item()
 
@@ -413,7 +410,7 @@ def finish(model, data, args, outdir, step, seconds, device, run=None):  # test 
 
 
 def render_only(args, data, device, gpus, expdir, model_class):  # outputs of a checkpoint in render_only_<step>/
-    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"), device)
+    ckpt = load_checkpoint(args.ckpt or os.path.join(expdir, "ckpt.pt"))
     raw = model_class(**ckpt["model_args"]).to(device)
     raw.load_state_dict(ckpt["model"])
     for key in RENDER_OPTIONS:
@@ -583,17 +580,17 @@ def rays_in_box(data, aabb):  # flat indices of the training pixels whose rays c
     keep = []
     for i in tqdm(range(n), desc="rays in box", leave=False):
         o, d = get_rays(H, W, data["focal"], data["poses"][i])
-        near, far = ray_box(o.view(-1, 3), F.normalize(d.view(-1, 3), dim=-1), aabb.cpu())
+        near, far = ray_box(o.view(-1, 3), F.normalize(d.view(-1, 3), dim=-1), aabb)
         keep.append(torch.nonzero(far > near)[:, 0] + i * H * W)
     return torch.cat(keep)
 
 
-def sample_batch(data, pixels, n_rays, g):  # rays (n, 6), colours (n, 3), jitter u (n,) from those pixels by g, on CPU
+def sample_batch(data, pixels, n_rays, g):  # rays (n, 6), colours (n, 3), jitter u (n,): those pixels, g's device
     H, W = data["images"].shape[1:3]
-    k = pixels[torch.randint(len(pixels), (n_rays,), generator=g)]
+    k = pixels[torch.randint(len(pixels), (n_rays,), generator=g, device=g.device)]
     img, ys, xs = k // (H * W), k // W % H, k % W
     o, d = get_rays(H, W, data["focal"], data["poses"][img], ys, xs)
-    return torch.cat([o, d], -1), data["images"][img, ys, xs], torch.rand(n_rays, generator=g)
+    return torch.cat([o, d], -1), data["images"][img, ys, xs], torch.rand(n_rays, generator=g, device=g.device)
 
 
 # ---------------------------------------------------------------- harness (identical in all four scripts)
@@ -717,11 +714,11 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):  # one la
         "data": data}, p))
 
 
-def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
+def load_checkpoint(path):  # a checkpoint this script wrote, or an error; on the CPU (optimizers move their state)
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                              # many types for a foreign or damaged file
         fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
@@ -735,22 +732,22 @@ def resume(args, expdir, model, optimizers, state, data, device):
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
-    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    ckpt, fix = load_checkpoint(path), "use its flags, --no_reload to start afresh, or another --expname"
     if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
-    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+    if any(torch.is_tensor(v) and v.shape != getattr(ckpt["state"].get(k, v), "shape", 0) for k, v in state.items()):
         fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
         opt.load_state_dict(ckpt["optimizers"][key])
     model.load_state_dict(ckpt["model"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    torch.set_rng_state(ckpt["rng"]["cpu"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # sums: device
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -832,13 +829,14 @@ def main(argv=None):
     for key in RENDER_OPTIONS:
         setattr(raw, key, getattr(args, key))
     opt = make_optimizer(raw, args)
-    state = {"seconds": 0.0, "sums": torch.zeros(2), "lr_reset": 0.0}  # sums: MSE and steps since the last log line
+    state = {"seconds": 0.0, "sums": torch.zeros(2, device=device), "lr_reset": 0.0}  # MSE, steps since the last log
     scene = fingerprint(f"{args.scene}, {len(data['images'])} views", data["images"], data["poses"])
     step = resume(args, expdir, raw, {"adam": opt}, state, scene, device)
     freeze(raw, args.freeze)
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
     print(f"grid {'x'.join(map(str, raw.reso()))}")
+    data["images"], data["poses"] = data["images"].to(device), data["poses"].to(device)  # drawn from on the device
 
     # train: a step's rays and jitter depend on (seed, step) only; the grids grow and the box shrinks on schedule
     counts = np.geomspace(args.N_voxel_init, args.N_voxel_final, len(args.upsamp_list) + 1)[1:]   # log-spaced
@@ -860,15 +858,15 @@ def main(argv=None):
                 opt = make_optimizer(raw, args)
             decay = args.lr_decay_target_ratio ** (progress - state["lr_reset"])  # 1 -> target ratio over training
             opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = args.lr_init * decay, args.lr_basis * decay
-            g = torch.Generator().manual_seed(args.seed * 1000003 + step)
+            g = torch.Generator(device).manual_seed(args.seed * 1000003 + step)
             rays, target, u = sample_batch(data, pixels, args.batch_size, g)
             l1 = args.L1_weight_inital if not masks or step < masks[0] else args.L1_weight_rest
-            mse = train_step(model, raw, opt, rays.to(device), target.to(device), u.to(device), l1).cpu()
-            state["sums"] += torch.stack([mse, torch.ones(())])
+            state["sums"] += F.pad(train_step(model, raw, opt, rays, target, u, l1)[None], (0, 1), value=1.0)
             step, state["seconds"] = step + 1, time.time() - start
-            run.advance(step, state["seconds"], psnr=f"{mse2psnr(mse):.2f}")
+            run.advance(step, state["seconds"])
             if step % args.i_print == 0 or step == args.N_iters:
                 m = state["sums"][0] / state["sums"][1]
+                run.bar.set_postfix(psnr=f"{mse2psnr(m):.2f}", refresh=False)
                 run.log({"step": step, "mse": m.item(), "psnr": mse2psnr(m), "lr": opt.param_groups[0]["lr"],
                          "reso": raw.reso(), "seconds": round(state["seconds"], 2)})
                 state["sums"].zero_()

@@ -251,7 +251,7 @@ def write_pictures(model, test, expdir, step, device, kind):            # sample
 
 def sample_only(args, device, expdir):  # --sample_only N: the modes (or means) of p(x|z) for N draws z, not draws of x
     path = args.ckpt or os.path.join(expdir, "best.pt" if os.path.exists(f"{expdir}/best.pt") else "ckpt.pt")
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     model = VAE(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     write_samples(expdir, prior_samples(model, args.sample_only, args.seed, device, args.samples))
@@ -498,11 +498,11 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):  # one la
         "data": data}, p))
 
 
-def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
+def load_checkpoint(path):  # a checkpoint this script wrote, or an error; on the CPU (optimizers move their state)
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                              # many types for a foreign or damaged file
         fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
@@ -516,22 +516,22 @@ def resume(args, expdir, model, optimizers, state, data, device):
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
-    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    ckpt, fix = load_checkpoint(path), "use its flags, --no_reload to start afresh, or another --expname"
     if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
-    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+    if any(torch.is_tensor(v) and v.shape != getattr(ckpt["state"].get(k, v), "shape", 0) for k, v in state.items()):
         fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
         opt.load_state_dict(ckpt["optimizers"][key])
     model.load_state_dict(ckpt["model"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    torch.set_rng_state(ckpt["rng"]["cpu"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # sums: device
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -609,38 +609,42 @@ def main(argv=None):
     data = fingerprint(f"{args.dataset}, {len(train)} training images", train)
     raw = VAE(args.arch, tuple(train.shape[1:]), args.latent_dim, args.hidden, args.likelihood).to(device)
     opt = torch.optim.Adam(raw.parameters(), lr=args.lr, fused=True)  # fused: one kernel, 20% faster on CPU here
-    state = {"best_val": math.inf, "seconds": 0.0, "sums": [0.0, 0.0, 0, 0.0]}  # sums: rec, KL, images, busy seconds
+    # sums since the last log line (on the device): -log p(x|z), KL, images; logged: the seconds of that line
+    state = {"best_val": math.inf, "seconds": 0.0, "sums": torch.zeros(3, device=device).double(), "logged": 0.0}
     step = resume(args, expdir, raw, {"adam": opt}, state, data, device)
     freeze(raw, args.freeze)
     model = nn.DataParallel(raw, device_ids=gpus) if len(gpus) > 1 else raw  # the loss is computed per replica
     write_text(os.path.join(expdir, "args.json"), json.dumps(vars(args), indent=1))
     print(f"{len(train)} train / {len(val)} val / {len(test)} test images of {tuple(train.shape[1:])}, {device}")
+    train = train.to(device)                                            # batches drawn on the device
 
-    # train: shuffled epochs, each (and the run, when its time is up) ended by an evaluation and a checkpoint
+    # train: shuffled epochs, each (and the run, when its time is up) ended by an evaluation and a checkpoint; no
+    # step waits for the device but to check the loss
     per_epoch, order, ckpt_path = math.ceil(len(train) / args.batch_size), None, os.path.join(expdir, "ckpt.pt")
     steps, start = args.epochs * per_epoch, time.time() - state["seconds"]
     with Run(args, expdir, step, steps, state["seconds"], "--epochs") as run:
         while step < steps and not run.over(state["seconds"]):
             epoch, i = divmod(step, per_epoch)
             if i == 0 or order is None:                                 # an epoch's order depends on (seed, epoch)
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+                g = torch.Generator(device).manual_seed(args.seed * 100003 + epoch)
+                order = torch.randperm(len(train), generator=g, device=device)
             opt.param_groups[0]["lr"] = args.lr * args.lr_decay ** epoch  # exponential decay per epoch (one group)
-            tic, x = time.time(), to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
-            rec, kl = (train_step(model, opt, x, args.beta, args.amp).cpu() * len(x)).tolist()
-            state["sums"] = [a + b for a, b in zip(state["sums"], [rec, kl, len(x), time.time() - tic])]
+            x = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]])
+            state["sums"] += F.pad(train_step(model, opt, x, args.beta, args.amp), (0, 1), value=1.0) * len(x)
             step, state["seconds"] = step + 1, time.time() - start
             run.advance(step, state["seconds"])
             if run.stopped or step % per_epoch and not run.over(state["seconds"]):
                 continue                                                # Ctrl-C, or not the end of an epoch
             val_nelbo, (test_nelbo, test_rec, test_kl) = evaluate(raw, val, device)[0], evaluate(raw, test, device)
-            rec, kl, n, busy = state["sums"]
+            rec, kl, n = state["sums"].tolist()
             run.log({"step": step, "epoch": round(step / per_epoch, 3), "train_nelbo": (rec + kl) / n,
                      "train_rec": rec / n, "train_kl": kl / n, "val_nelbo": val_nelbo, "test_nelbo": test_nelbo,
                      "test_rec": test_rec, "test_kl": test_kl, "lr": opt.param_groups[0]["lr"],
-                     "images_per_s": round(n / max(busy, 1e-9)), "seconds": round(state["seconds"], 2)},
+                     "images_per_s": round(n / max(state["seconds"] - state["logged"], 1e-9)),
+                     "seconds": round(state["seconds"], 2)},
                     grid(prior_samples(raw, 64, 0, device, args.samples), 8) if args.tensorboard else None)
             run.advance(step, state["seconds"], train=f"{(rec + kl) / n:.1f}", val=f"{val_nelbo:.1f}")
-            state["sums"] = [0.0, 0.0, 0, 0.0]
+            state["sums"], state["logged"] = torch.zeros_like(state["sums"]), time.time() - start
             if val_nelbo < state["best_val"]:                           # model selection on validation, never test
                 state["best_val"] = val_nelbo
                 save_checkpoint(os.path.join(expdir, "best.pt"), raw, {"adam": opt}, step, state, args, data)
@@ -650,7 +654,7 @@ def main(argv=None):
 
     # the final figures, from the best checkpoint
     if os.path.exists(os.path.join(expdir, "best.pt")):
-        raw.load_state_dict(load_checkpoint(os.path.join(expdir, "best.pt"), device)["model"])
+        raw.load_state_dict(load_checkpoint(os.path.join(expdir, "best.pt"))["model"])
     (test_nelbo, test_rec, test_kl), (kl_dims, active) = evaluate(raw, test, device), latent_stats(raw, test, device)
     final = {"step": step, "test_nelbo": test_nelbo, "test_rec": test_rec, "test_kl": test_kl,
              "iw_nll": iw_nll(raw, test, args.iw_samples, device), "iw_samples": args.iw_samples,

@@ -239,7 +239,7 @@ def wasserstein_estimate(model, images, batch_size, device, seed=0):
 
 def sample_only(args, device, expdir):  # --sample_only N: G(z) for N draws z ~ N(0, I), from --ckpt (default ckpt.pt)
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     model = WGAN(**ckpt["model_args"]).to(device)
     model.load_state_dict(ckpt["model"])
     z = torch.randn(args.sample_only, model.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -522,11 +522,11 @@ def save_checkpoint(path, model, optimizers, step, state, args, data):  # one la
         "data": data}, p))
 
 
-def load_checkpoint(path, device):                                      # a checkpoint this script wrote, or an error
+def load_checkpoint(path):  # a checkpoint this script wrote, or an error; on the CPU (optimizers move their state)
     if not os.path.isfile(path):
         fail("no such checkpoint", path, "train first, or pass --ckpt PATH, or the --expname (or --preset) it had")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:                                              # many types for a foreign or damaged file
         fail(f"not a readable checkpoint ({type(e).__name__})", path, f"pass a checkpoint written by {SCRIPT}.py")
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT or "optimizers" not in ckpt:
@@ -540,22 +540,22 @@ def resume(args, expdir, model, optimizers, state, data, device):
     path = args.ckpt or os.path.join(expdir, "ckpt.pt")
     if not args.ckpt and (args.no_reload or not os.path.exists(path)):
         return 0
-    ckpt, fix = load_checkpoint(path, device), "use its flags, --no_reload to start afresh, or another --expname"
+    ckpt, fix = load_checkpoint(path), "use its flags, --no_reload to start afresh, or another --expname"
     if other := [(k, ckpt["model_args"].get(k), v) for k, v in model.config.items() if ckpt["model_args"].get(k) != v]:
         fail("checkpoint has {}={}, this run {}".format(*other[0]), path, fix)
     if ckpt["data"]["sha1"] != data["sha1"]:
         fail(f"checkpoint trained on other data ({ckpt['data']['name']}; now {data['name']})", path, fix)
-    if any(torch.is_tensor(v) and v.shape != ckpt["state"].get(k, v).shape for k, v in state.items()):
+    if any(torch.is_tensor(v) and v.shape != getattr(ckpt["state"].get(k, v), "shape", 0) for k, v in state.items()):
         fail("checkpoint written by an older version of this script", path, "--no_reload, or another --expname")
     for key, opt in optimizers.items():
         if ckpt["optimizers"][key]["param_groups"][0].keys() != opt.state_dict()["param_groups"][0].keys():
             fail(f"checkpoint trained with another optimizer than this run's {type(opt).__name__}", path, fix)
         opt.load_state_dict(ckpt["optimizers"][key])
     model.load_state_dict(ckpt["model"])
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+    torch.set_rng_state(ckpt["rng"]["cpu"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    state.update({k: v.cpu() if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # counters: CPU
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in ckpt["state"].items()})  # sums: device
     print(f"resumed {path} at step {ckpt['step']}")
     return ckpt["step"]
 
@@ -634,7 +634,7 @@ def main(argv=None):
     raw = WGAN(train.shape[1], args.image_size, args.nz, args.ngf, args.ndf, args.critic_norm).to(device)
     opt_d, opt_g = make_optimizer(raw.critic.parameters(), args), make_optimizer(raw.generator.parameters(), args)
     # sums since the last log line: W, critic loss, gradient norm, generator loss, critic steps, generator steps
-    state = {"critic_steps": 0, "in_step": 0, "seconds": 0.0, "sums": torch.zeros(6)}
+    state = {"critic_steps": 0, "in_step": 0, "seconds": 0.0, "sums": torch.zeros(6, device=device)}
     step = resume(args, expdir, raw, {"critic": opt_d, "generator": opt_g}, state, data, device)
     freeze(raw, args.freeze)
     if not any(p.requires_grad for p in raw.generator.parameters()):
@@ -647,22 +647,25 @@ def main(argv=None):
     print(f"{len(train)} train / {len(test)} held-out images of {tuple(train.shape[1:])}, generator {sizes[0]:,} / "
           f"critic {sizes[1]:,} parameters, {mode}, {device}")
 
-    # train: n_critic critic steps (WGAN algorithm 1, lines 2-8), then a generator step (lines 9-10)
+    # train: n_critic critic steps (WGAN algorithm 1, lines 2-8), then a generator step (lines 9-10); batches drawn
+    # on the device, no step waits for it but to check the critic's loss
     fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(1234)).to(device)  # the grids' noise
+    train, e = train.to(device), torch.eye(6, device=device)           # e[k]: adds 1 to sums[k]
     ckpt_path, start = os.path.join(expdir, "ckpt.pt"), time.time() - state["seconds"]
     with Run(args, expdir, step, args.iters, state["seconds"], "--iters") as run:
         while step < args.iters and not run.over(state["seconds"]):
             while critic_trains and state["in_step"] < n_critic_at(step, args.n_critic, args.paper_schedule) \
                     and not run.stopped:
                 epoch, i = divmod(state["critic_steps"], max(1, len(train) // args.batch_size))  # order: seed, epoch
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-                real = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]]).to(device)
+                g = torch.Generator(device).manual_seed(args.seed * 100003 + epoch)
+                order = torch.randperm(len(train), generator=g, device=device)
+                real = to_float(train[order[i * args.batch_size:(i + 1) * args.batch_size]])
                 terms = critic_step(model, opt_d, real, args.gp, None if args.gp else args.clip_value)
-                state["sums"] += torch.cat([terms.cpu(), torch.tensor([0.0, 1.0, 0.0])])
+                state["sums"] += F.pad(terms, (0, 3)) + e[4]                   # W, loss, gradient norm; a step
                 state["in_step"], state["critic_steps"] = state["in_step"] + 1, state["critic_steps"] + 1
             if run.stopped:                                             # between critic steps: resumes there
                 break
-            state["sums"] += torch.tensor([0, 0, 0, generator_step(model, opt_g, args.batch_size, device).item(), 0, 1])
+            state["sums"] += generator_step(model, opt_g, args.batch_size, device) * e[3] + e[5]  # the loss; a step
             step, state["in_step"], state["seconds"] = step + 1, 0, time.time() - start
             run.advance(step, state["seconds"])
             samples = os.path.join(expdir, f"samples_{step}.png")
