@@ -157,8 +157,9 @@ SYNC_RUNS = {
     "tensorf": (tiny_tensorf, ["--scene", "procedural", "--proc_size", "16", "--N_voxel_init", "4096",
                                "--N_voxel_final", "4096", "--upsamp_list", "--update_AlphaMask_list", "--batch_size",
                                "64"]),
-    "vae": (tiny_vae, ["--dataset", "shapes", "--batch_size", "16", "--iw_samples", "2", "--hidden", "16"]),
-    "wgan": (tiny_wgan, ["--dataset", "shapes", "--batch_size", "16", "--ngf", "8", "--ndf", "8"]),
+    "vae": (tiny_vae, ["--dataset", "shapes", "--arch", "mlp", "--batch_size", "1024", "--iw_samples", "2", "--hidden",
+                       "16"]),                                         # about 8 steps an epoch
+    "wgan": (tiny_wgan, ["--dataset", "shapes", "--image_size", "8", "--batch_size", "16", "--ngf", "4", "--ndf", "4"]),
 }
 STEPS = {"nerf": "--N_iters", "tensorf": "--N_iters", "wgan": "--iters"}
 
