@@ -40,7 +40,7 @@ NEAR, FAR = 2.0, 6.0  # the depth range of every Blender scene (reference code)
 # ---------------------------------------------------------------- arguments
 # --preset: applied before the flags given on the command line, which win; cpu: tuned on lego (benchmarks/)
 PRESETS = {"cpu": dict(N_samples=32, N_importance=32, netwidth=128, netwidth_fine=128, N_rand=512, amp="auto",
-                       video_factor=4, use_batching=True, lrate=3e-3, lrate_decay=8)}
+                       video_factor=4, use_batching=True, lrate=3e-3, lrate_decay=8, precrop_iters=100)}
 ALIASES = {"--no_batching": "--no-use_batching", "--render_test": "--render_only", "--ft_path": "--ckpt",
            "--i_img": "--i_print", "--dataset_type": "read from the folder (--datadir, --scene)",
            "--config": "not read yet: give the flags", "--no_cuda": "--device cpu"}
